@@ -1,0 +1,27 @@
+//! Command-line interface of the `strait` binary.
+
+pub mod count;
+
+use clap::{Parser, Subcommand};
+
+/// strait: eBPF datapath agent that joins Kubernetes clusters over WireGuard, ClusterMesh-style.
+#[derive(Debug, Parser)]
+#[command(name = "strait", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter in tracing's EnvFilter syntax (e.g. `info`, `strait=debug`).
+    #[arg(long, env = "STRAIT_LOG", default_value = "info", global = true)]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the packet-counter classifier to an interface and print what crosses it.
+    ///
+    /// Loads strait's tc programs on ingress and egress of IFACE (optionally inside a named
+    /// network namespace), prints per-direction, per-protocol packet and byte counts read from
+    /// the kernel map every interval, and detaches when it stops (after --seconds, or Ctrl-C).
+    Count(count::CountArgs),
+}

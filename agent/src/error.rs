@@ -1,0 +1,13 @@
+//! The crate's top-level error: one variant per module, each wrapping that module's own
+//! `thiserror` enum, so callers can match on where a failure came from.
+
+pub use crate::datapath::DatapathError;
+pub use crate::netns::NetnsError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+}

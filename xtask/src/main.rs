@@ -1,0 +1,55 @@
+//! `cargo xtask <task>`: everything a developer or CI runs, with set-up included.
+
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "strait's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Make sure this machine can build and run strait: checks the kernel (root, bpffs, BTF,
+    /// cgroup v2), installs rust-src on the nightly toolchain, bpf-linker 0.13 (built against
+    /// the nightly's LLVM 22) and the Debian packages tests and demo use. Idempotent.
+    Setup,
+    /// Set up, then build the agent (with its eBPF object built from source).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, then run every quality gate: rustfmt, clippy (userspace and eBPF), unit tests,
+    /// and the privileged tests (real programs in real namespaces; needs root).
+    Test {
+        /// Run only tests whose name contains this string.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Set up, build, and show strait counting real packets on a throwaway veth pair.
+    Demo,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run().map(|_| ()),
+        Task::Build { release } => setup::run().and_then(|env| cmd::build_agent(&env, release)),
+        Task::Test { filter } => setup::run().and_then(|env| test::run(&env, filter.as_deref())),
+        Task::Demo => setup::run().and_then(|env| demo::run(&env)),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nxtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

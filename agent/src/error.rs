@@ -1,7 +1,9 @@
 //! The crate's top-level error: one variant per module, each wrapping that module's own
 //! `thiserror` enum, so callers can match on where a failure came from.
 
+pub use crate::clustermesh::ClustermeshError;
 pub use crate::datapath::DatapathError;
+pub use crate::kvstore::KvstoreError;
 pub use crate::netns::NetnsError;
 
 #[derive(Debug, thiserror::Error)]
@@ -10,4 +12,8 @@ pub enum Error {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Kvstore(#[from] KvstoreError),
+    #[error(transparent)]
+    Clustermesh(#[from] ClustermeshError),
 }

@@ -3,9 +3,12 @@
 //! `tests/` drive the same library.
 
 pub mod cli;
+pub mod clustermesh;
 pub mod constants;
 pub mod datapath;
 pub mod error;
+pub mod kvstore;
 pub mod netns;
+pub mod state;
 
 pub use error::Error;

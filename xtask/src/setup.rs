@@ -15,7 +15,7 @@ use crate::cmd::{self, Env};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests, the demo and later work use. `iputils-ping` and `procps` are
-/// small tools the demo and harness call; `protobuf-compiler` builds the etcd gRPC client.
+/// small tools the demo and harness call; `protobuf-compiler` and `libprotobuf-dev` (well-known .proto files) build the etcd gRPC client.
 const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
@@ -30,6 +30,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "bpftool",
     "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 pub fn run() -> anyhow::Result<Env> {

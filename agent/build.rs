@@ -11,6 +11,7 @@ const EBPF_PACKAGE: &str = "strait-ebpf";
 const EBPF_OBJECT: &str = "strait";
 
 fn main() -> anyhow::Result<()> {
+    compile_api()?;
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -46,5 +47,19 @@ fn main() -> anyhow::Result<()> {
         // Only reached with AYA_BUILD_SKIP: keep include_bytes! compiling.
         fs::write(&object, []).with_context(|| format!("writing stub {}", object.display()))?;
     }
+    Ok(())
+}
+
+/// The agent API (gRPC over a unix socket) from `proto/`.
+fn compile_api() -> anyhow::Result<()> {
+    let root =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?)
+            .join("..")
+            .join("proto");
+    let proto = root.join("strait/v1/agent.proto");
+    println!("cargo:rerun-if-changed={}", proto.display());
+    tonic_prost_build::configure()
+        .compile_protos(&[&proto], &[&root])
+        .with_context(|| format!("compiling {}", proto.display()))?;
     Ok(())
 }

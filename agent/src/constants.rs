@@ -17,3 +17,46 @@ pub const NETNS_RUN_DIR: &str = "/var/run/netns";
 
 /// WireGuard UDP port, Cilium's, so Cilium nodes can peer with strait nodes.
 pub const WIREGUARD_PORT: u16 = 51871;
+
+/// Default agent configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/strait/agent.yaml";
+
+/// Default state directory (WireGuard key, caches).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/strait";
+
+/// Default directory of remote-cluster etcd configs, one file per cluster (Cilium's layout).
+pub const DEFAULT_CLUSTERMESH_CONFIG_DIR: &str = "/var/lib/cilium/clustermesh";
+
+/// Default unix socket of the agent API (`strait status`, `observe`, `bpf ...`).
+pub const DEFAULT_API_SOCKET: &str = "/var/run/strait/strait.sock";
+
+/// Default Prometheus metrics address (Cilium's agent uses 9962; strait sits next to it).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9964";
+
+/// Cilium's default and only other accepted MaxConnectedClusters.
+pub const DEFAULT_MAX_CONNECTED_CLUSTERS: u32 = 255;
+
+/// Default name of strait's WireGuard device (Cilium's is `cilium_wg0`). Userspace devices
+/// need machine-wide unique names (wireguard-go's UAPI sockets share one directory).
+pub const WIREGUARD_DEVICE: &str = "strait_wg0";
+
+/// File holding the WireGuard private key (raw 32 bytes, mode 0600) in the state directory.
+pub const WIREGUARD_KEY_FILE: &str = "strait_wg0.key";
+
+/// Default state directory (persistent, so the node keeps its public key across restarts).
+pub const STATE_DIR: &str = "/var/lib/strait";
+
+/// Bytes WireGuard adds to every packet (outer IPv6 40 + UDP 8 + WireGuard 32): the device MTU
+/// is the underlay MTU minus this, as Cilium does.
+pub const WIREGUARD_MTU_OVERHEAD: u32 = 80;
+
+/// Where wireguard-go puts its UAPI sockets (`<ifname>.sock`); one directory for every
+/// network namespace.
+pub const WIREGUARD_RUN_DIR: &str = "/var/run/wireguard";
+
+/// wireguard-go refuses to start on Linux unless this is set in its environment.
+pub const WIREGUARD_GO_ENV: &str = "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD";
+
+/// Route protocol (`rtm_protocol`) marking routes strait owns, so its reconciler never
+/// deletes or replaces a route someone else created. Shown as `proto 161` by `ip route`.
+pub const RTPROT_STRAIT: u8 = 0xa1;

@@ -5,6 +5,8 @@ pub use crate::clustermesh::ClustermeshError;
 pub use crate::datapath::DatapathError;
 pub use crate::kvstore::KvstoreError;
 pub use crate::netns::NetnsError;
+pub use crate::routing::RoutingError;
+pub use crate::wireguard::WireguardError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -16,4 +18,8 @@ pub enum Error {
     Kvstore(#[from] KvstoreError),
     #[error(transparent)]
     Clustermesh(#[from] ClustermeshError),
+    #[error(transparent)]
+    Wireguard(#[from] WireguardError),
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
 }

@@ -2,13 +2,20 @@
 //! does. The binary (`src/main.rs`) is a thin CLI over this library; the privileged tests in
 //! `tests/` drive the same library.
 
+pub mod api;
 pub mod cli;
 pub mod clustermesh;
+pub mod config;
 pub mod constants;
+pub mod daemon;
 pub mod datapath;
 pub mod error;
 pub mod kvstore;
+pub mod metrics;
 pub mod netns;
+pub mod routing;
 pub mod state;
+pub mod status;
+pub mod wireguard;
 
 pub use error::Error;

@@ -19,6 +19,9 @@ async fn main() -> std::process::ExitCode {
 
     let result = match cli.command {
         Command::Count(args) => strait::cli::count::run(args).await,
+        Command::Agent(args) => strait::cli::agent::run(args).await,
+        Command::Status(args) => strait::cli::status::run(args).await,
+        Command::Kvstoremesh(args) => strait::cli::kvstoremesh::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

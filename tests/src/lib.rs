@@ -188,3 +188,5 @@ impl Drop for TestCgroup {
         let _ = std::fs::remove_dir(&self.path);
     }
 }
+
+pub mod etcd;

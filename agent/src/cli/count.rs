@@ -91,20 +91,20 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// SIGINT (Ctrl-C) and SIGTERM (what Kubernetes sends) both mean: stop cleanly.
-struct StopSignals {
+pub struct StopSignals {
     int: Signal,
     term: Signal,
 }
 
 impl StopSignals {
-    fn new() -> std::io::Result<Self> {
+    pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
         })
     }
 
-    async fn recv(&mut self) {
+    pub async fn recv(&mut self) {
         tokio::select! {
             _ = self.int.recv() => {}
             _ = self.term.recv() => {}

@@ -1,6 +1,9 @@
 //! Command-line interface of the `strait` binary.
 
+pub mod agent;
 pub mod count;
+pub mod kvstoremesh;
+pub mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -24,4 +27,10 @@ pub enum Command {
     /// network namespace), prints per-direction, per-protocol packet and byte counts read from
     /// the kernel map every interval, and detaches when it stops (after --seconds, or Ctrl-C).
     Count(count::CountArgs),
+    /// Run the node agent: sync the mesh state through etcd, publish this node, serve the API.
+    Agent(agent::AgentArgs),
+    /// Show the local agent's view of the mesh (modelled on `cilium-dbg status`).
+    Status(status::StatusArgs),
+    /// Mirror remote clusters into this cluster's etcd (KVStoreMesh-compatible cache).
+    Kvstoremesh(kvstoremesh::KvstoremeshArgs),
 }

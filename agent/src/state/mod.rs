@@ -1,3 +1,429 @@
 //! The in-memory state model: nodes, endpoints (ipcache), identities and services with
-//! per-cluster backends. Plain Rust, testable without etcd or a kernel; reconcilers consume
-//! its changes.
+//! per-cluster backends, plus per-cluster standing (refused for overlapping CIDRs, datapath
+//! down). Plain Rust, testable without etcd or a kernel.
+//!
+//! Sources (kvstore watchers, the Kubernetes/manifests source) write through
+//! [`StateHandle::update`]; reconcilers (eBPF maps, WireGuard peers, routes) are
+//! level-triggered: they [`StateHandle::subscribe`] to per-kind version counters, and on a
+//! change read the views they need and diff against what they own.
+
+pub mod overlap;
+pub mod services;
+pub mod types;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock, RwLockReadGuard},
+};
+
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::sync::watch;
+
+pub use overlap::Overlap;
+pub use services::{SelectedBackend, ServiceView};
+pub use types::*;
+
+/// Change counters, one per kind of state, bumped whenever that kind's views change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Versions {
+    pub nodes: u64,
+    pub endpoints: u64,
+    pub identities: u64,
+    pub services: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Dirty {
+    nodes: bool,
+    endpoints: bool,
+    identities: bool,
+    services: bool,
+}
+
+/// A cluster's standing in the mesh.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterEntry {
+    pub name: ClusterName,
+    pub id: u32,
+    /// Set while the cluster's pod CIDRs overlap an earlier cluster's.
+    pub refused: Option<Overlap>,
+    /// Set while probes say the cluster's datapath is unreachable: its backends are not used.
+    pub datapath_down: bool,
+    #[serde(skip)]
+    order: u64,
+}
+
+/// Per-cluster object counts, for status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub nodes: usize,
+    pub endpoints: usize,
+    pub identities: usize,
+    pub services: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClusterConflict {
+    #[error("cluster ID {id} of {name} is already used by cluster {other}")]
+    DuplicateId {
+        name: String,
+        id: u32,
+        other: String,
+    },
+    #[error("cluster name {name} is already connected with cluster ID {id}")]
+    DuplicateName { name: String, id: u32 },
+}
+
+#[derive(Debug)]
+pub struct StateModel {
+    local: ClusterName,
+    clusters: BTreeMap<ClusterName, ClusterEntry>,
+    next_order: u64,
+    nodes: BTreeMap<(ClusterName, String), Node>,
+    endpoints: BTreeMap<(ClusterName, IpNet), Endpoint>,
+    identities: BTreeMap<u32, Identity>,
+    services: BTreeMap<ServiceName, BTreeMap<ClusterName, ClusterService>>,
+    dirty: Dirty,
+}
+
+impl StateModel {
+    pub fn new(local_cluster: &str, local_id: u32) -> Self {
+        let mut model = Self {
+            local: local_cluster.into(),
+            clusters: BTreeMap::new(),
+            next_order: 0,
+            nodes: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            identities: BTreeMap::new(),
+            services: BTreeMap::new(),
+            dirty: Dirty::default(),
+        };
+        model
+            .register_cluster(local_cluster, local_id)
+            .expect("an empty model has no conflicts");
+        model
+    }
+
+    pub fn local_cluster(&self) -> &ClusterName {
+        &self.local
+    }
+
+    /// The shared name for `cluster`, so objects do not each allocate their own.
+    pub fn cluster_name(&self, cluster: &str) -> ClusterName {
+        self.clusters
+            .get(cluster)
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| cluster.into())
+    }
+
+    /// Admits a cluster under `id`, refusing a name or ID already in use by another.
+    /// Re-registering a cluster under its own ID is a no-op.
+    pub fn register_cluster(&mut self, name: &str, id: u32) -> Result<(), ClusterConflict> {
+        if let Some(existing) = self.clusters.get(name) {
+            return if existing.id == id {
+                Ok(())
+            } else {
+                Err(ClusterConflict::DuplicateName {
+                    name: name.into(),
+                    id: existing.id,
+                })
+            };
+        }
+        if let Some(other) = self.clusters.values().find(|c| c.id == id) {
+            return Err(ClusterConflict::DuplicateId {
+                name: name.into(),
+                id,
+                other: other.name.to_string(),
+            });
+        }
+        let order = self.next_order;
+        self.next_order += 1;
+        self.clusters.insert(
+            name.into(),
+            ClusterEntry {
+                name: name.into(),
+                id,
+                refused: None,
+                datapath_down: false,
+                order,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a cluster and everything it published (its config file went away).
+    pub fn drain_cluster(&mut self, cluster: &str) {
+        if cluster == self.local.as_ref() {
+            return;
+        }
+        let before = (
+            self.nodes.len(),
+            self.endpoints.len(),
+            self.identities.len(),
+        );
+        self.nodes.retain(|(c, _), _| c.as_ref() != cluster);
+        self.endpoints.retain(|(c, _), _| c.as_ref() != cluster);
+        self.identities.retain(|_, i| i.cluster.as_ref() != cluster);
+        let mut services_changed = false;
+        self.services.retain(|_, per_cluster| {
+            services_changed |= per_cluster.remove(cluster).is_some();
+            !per_cluster.is_empty()
+        });
+        self.clusters.remove(cluster);
+        self.dirty.nodes |= before.0 != self.nodes.len();
+        self.dirty.endpoints |= before.1 != self.endpoints.len();
+        self.dirty.identities |= before.2 != self.identities.len();
+        self.dirty.services |= services_changed;
+        self.recompute_refusals();
+    }
+
+    pub fn clusters(&self) -> impl Iterator<Item = &ClusterEntry> {
+        self.clusters.values()
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&ClusterEntry> {
+        self.clusters.get(name)
+    }
+
+    /// Whether a cluster's routes and backends may be used.
+    pub fn usable(&self, cluster: &str) -> bool {
+        self.clusters
+            .get(cluster)
+            .is_some_and(|c| c.refused.is_none() && !c.datapath_down)
+    }
+
+    /// Marks a cluster's datapath down (backends unused) or up again.
+    pub fn set_datapath_down(&mut self, cluster: &str, down: bool) {
+        if let Some(c) = self.clusters.get_mut(cluster)
+            && c.datapath_down != down
+        {
+            c.datapath_down = down;
+            self.dirty.services = true;
+        }
+    }
+
+    pub fn upsert_node(&mut self, node: Node) {
+        let key = (node.cluster.clone(), node.name.clone());
+        let cidrs_changed = self
+            .nodes
+            .get(&key)
+            .is_none_or(|old| old.pod_cidrs != node.pod_cidrs);
+        if self.nodes.get(&key) != Some(&node) {
+            self.nodes.insert(key, node);
+            self.dirty.nodes = true;
+            if cidrs_changed {
+                self.recompute_refusals();
+            }
+        }
+    }
+
+    pub fn delete_node(&mut self, cluster: &str, name: &str) {
+        if self
+            .nodes
+            .remove(&(cluster.into(), name.to_owned()))
+            .is_some()
+        {
+            self.dirty.nodes = true;
+            self.recompute_refusals();
+        }
+    }
+
+    pub fn upsert_endpoint(&mut self, ep: Endpoint) {
+        let key = (ep.cluster.clone(), ep.prefix);
+        if self.endpoints.get(&key) != Some(&ep) {
+            self.endpoints.insert(key, ep);
+            self.dirty.endpoints = true;
+        }
+    }
+
+    pub fn delete_endpoint(&mut self, cluster: &str, prefix: &IpNet) {
+        if self.endpoints.remove(&(cluster.into(), *prefix)).is_some() {
+            self.dirty.endpoints = true;
+        }
+    }
+
+    pub fn upsert_identity(&mut self, identity: Identity) {
+        if self.identities.get(&identity.id) != Some(&identity) {
+            self.identities.insert(identity.id, identity);
+            self.dirty.identities = true;
+        }
+    }
+
+    pub fn delete_identity(&mut self, id: u32) {
+        if self.identities.remove(&id).is_some() {
+            self.dirty.identities = true;
+        }
+    }
+
+    pub fn upsert_service(&mut self, svc: ClusterService) {
+        let per_cluster = self.services.entry(svc.name.clone()).or_default();
+        if per_cluster.get(&svc.cluster) != Some(&svc) {
+            per_cluster.insert(svc.cluster.clone(), svc);
+            self.dirty.services = true;
+        }
+    }
+
+    pub fn delete_service(&mut self, cluster: &str, name: &ServiceName) {
+        if let Some(per_cluster) = self.services.get_mut(name)
+            && per_cluster.remove(cluster).is_some()
+        {
+            if per_cluster.is_empty() {
+                self.services.remove(name);
+            }
+            self.dirty.services = true;
+        }
+    }
+
+    // ---- views ----
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    /// Nodes whose routes may be installed: every node of a usable-or-local cluster that is
+    /// not refused. (A datapath-down cluster keeps its routes: probes must still reach it.)
+    pub fn routable_nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values().filter(|n| {
+            self.clusters
+                .get(&n.cluster)
+                .is_some_and(|c| c.refused.is_none())
+        })
+    }
+
+    pub fn node(&self, cluster: &str, name: &str) -> Option<&Node> {
+        self.nodes.get(&(cluster.into(), name.to_owned()))
+    }
+
+    /// ipcache entries of clusters that are not refused.
+    pub fn ipcache(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values().filter(|e| {
+            self.clusters
+                .get(&e.cluster)
+                .is_some_and(|c| c.refused.is_none())
+        })
+    }
+
+    pub fn identities(&self) -> impl Iterator<Item = &Identity> {
+        self.identities.values()
+    }
+
+    pub fn identity(&self, id: u32) -> Option<&Identity> {
+        self.identities.get(&id)
+    }
+
+    /// The load balancer's view of every service the local cluster defines.
+    pub fn service_views(&self) -> Vec<ServiceView> {
+        self.services
+            .values()
+            .filter_map(|versions| services::select(&self.local, versions, |c| self.usable(c)))
+            .collect()
+    }
+
+    pub fn service_view(&self, name: &ServiceName) -> Option<ServiceView> {
+        services::select(&self.local, self.services.get(name)?, |c| self.usable(c))
+    }
+
+    pub fn counts(&self, cluster: &str) -> Counts {
+        Counts {
+            nodes: self
+                .nodes
+                .keys()
+                .filter(|(c, _)| c.as_ref() == cluster)
+                .count(),
+            endpoints: self
+                .endpoints
+                .keys()
+                .filter(|(c, _)| c.as_ref() == cluster)
+                .count(),
+            identities: self
+                .identities
+                .values()
+                .filter(|i| i.cluster.as_ref() == cluster)
+                .count(),
+            services: self
+                .services
+                .values()
+                .filter(|v| v.contains_key(cluster))
+                .count(),
+        }
+    }
+
+    fn recompute_refusals(&mut self) {
+        let mut order: Vec<&ClusterEntry> = self.clusters.values().collect();
+        order.sort_by_key(|c| c.order);
+        let order: Vec<ClusterName> = order.into_iter().map(|c| c.name.clone()).collect();
+        let mut cidrs: BTreeMap<ClusterName, Vec<IpNet>> = BTreeMap::new();
+        for node in self.nodes.values() {
+            cidrs
+                .entry(node.cluster.clone())
+                .or_default()
+                .extend(node.pod_cidrs.iter().copied());
+        }
+        let refused = overlap::refusals(&order, &cidrs);
+        for entry in self.clusters.values_mut() {
+            let now = refused.get(&entry.name).cloned();
+            if now != entry.refused {
+                match &now {
+                    Some(o) => tracing::error!(cluster = %entry.name, "{o}"),
+                    None => {
+                        tracing::info!(cluster = %entry.name, "pod CIDR overlap resolved: cluster accepted")
+                    }
+                }
+                entry.refused = now;
+                self.dirty.nodes = true;
+                self.dirty.endpoints = true;
+                self.dirty.services = true;
+            }
+        }
+    }
+}
+
+/// Shared access to the model plus change notification.
+#[derive(Clone)]
+pub struct StateHandle {
+    model: Arc<RwLock<StateModel>>,
+    versions: Arc<watch::Sender<Versions>>,
+}
+
+impl StateHandle {
+    pub fn new(local_cluster: &str, local_id: u32) -> Self {
+        Self {
+            model: Arc::new(RwLock::new(StateModel::new(local_cluster, local_id))),
+            versions: Arc::new(watch::channel(Versions::default()).0),
+        }
+    }
+
+    /// Applies `f` to the model and notifies subscribers of the kinds it changed.
+    pub fn update<R>(&self, f: impl FnOnce(&mut StateModel) -> R) -> R {
+        let (result, dirty) = {
+            let mut model = self.model.write().unwrap_or_else(|e| e.into_inner());
+            let result = f(&mut model);
+            (result, std::mem::take(&mut model.dirty))
+        };
+        if dirty.nodes || dirty.endpoints || dirty.identities || dirty.services {
+            self.versions.send_modify(|v| {
+                v.nodes += u64::from(dirty.nodes);
+                v.endpoints += u64::from(dirty.endpoints);
+                v.identities += u64::from(dirty.identities);
+                v.services += u64::from(dirty.services);
+            });
+        }
+        result
+    }
+
+    pub fn read(&self) -> RwLockReadGuard<'_, StateModel> {
+        self.model.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Versions> {
+        self.versions.subscribe()
+    }
+
+    pub fn versions(&self) -> Versions {
+        *self.versions.borrow()
+    }
+}
+
+#[cfg(test)]
+mod tests;

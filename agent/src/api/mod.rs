@@ -1,0 +1,130 @@
+//! The agent API: gRPC over a unix socket (`proto/strait/v1/agent.proto`). The agent serves
+//! it; `strait status` (and later `observe`, `bpf ...`) are its clients.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use hyper_util::rt::TokioIo;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, transport::Endpoint};
+
+use crate::status::AgentStatus;
+
+pub mod pb {
+    tonic::include_proto!("strait.v1");
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot serve the agent API on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("agent API on {path} stopped: {source}")]
+    Serve {
+        path: PathBuf,
+        source: tonic::transport::Error,
+    },
+    #[error(
+        "cannot reach the agent at {path}: {reason} (is `strait agent` running, and is this the socket it uses?)"
+    )]
+    Connect { path: PathBuf, reason: String },
+    #[error("agent at {path} answered with an error: {source}")]
+    Call {
+        path: PathBuf,
+        source: tonic::Status,
+    },
+    #[error("agent at {path} sent an undecodable status: {source}")]
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// Produces the current status document on demand.
+pub type StatusFn = Arc<dyn Fn() -> AgentStatus + Send + Sync>;
+
+struct Service {
+    status: StatusFn,
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for Service {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, tonic::Status> {
+        let json = serde_json::to_string(&(self.status)())
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::StatusResponse { status_json: json }))
+    }
+}
+
+/// Serves the API on `path` until the future is dropped. A stale socket file from an earlier
+/// run is replaced.
+pub async fn serve(path: &Path, status: StatusFn) -> Result<(), ApiError> {
+    let listen_err = |source| ApiError::Listen {
+        path: path.into(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(listen_err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(listen_err(e)),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(listen_err)?;
+    tracing::info!(socket = %path.display(), "serving the agent API");
+    tonic::transport::Server::builder()
+        .add_service(pb::agent_server::AgentServer::new(Service { status }))
+        .serve_with_incoming(UnixListenerStream::new(listener))
+        .await
+        .map_err(|source| ApiError::Serve {
+            path: path.into(),
+            source,
+        })
+}
+
+/// Asks the agent on `path` for its status.
+pub async fn fetch_status(path: &Path) -> Result<AgentStatus, ApiError> {
+    let socket = path.to_path_buf();
+    let connect_err = |reason: String| ApiError::Connect {
+        path: path.into(),
+        reason,
+    };
+    // The URI is required by tonic but unused: the connector always dials the socket.
+    let channel = Endpoint::from_static("http://strait.local")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map(TokioIo::new)
+            }
+        }))
+        .await
+        .map_err(|e| {
+            connect_err(format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ))
+        })?;
+    let response = pb::agent_client::AgentClient::new(channel)
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(|source| ApiError::Call {
+            path: path.into(),
+            source,
+        })?;
+    serde_json::from_str(&response.into_inner().status_json).map_err(|source| ApiError::Decode {
+        path: path.into(),
+        source,
+    })
+}

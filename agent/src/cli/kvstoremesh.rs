@@ -1,0 +1,62 @@
+//! `strait kvstoremesh`: one per cluster, next to the cluster's etcd.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Args;
+
+use crate::{
+    clustermesh::{
+        MaxConnectedClusters,
+        kvstoremesh::{DRAIN_GRACE, KvstoreMesh, MeshOptions},
+    },
+    constants,
+    kvstore::{EtcdClient, EtcdConfig},
+    metrics::Metrics,
+};
+
+#[derive(Debug, Args)]
+pub struct KvstoremeshArgs {
+    /// This cluster's name (its own config file in the directory is ignored).
+    #[arg(long, env = "STRAIT_CLUSTER_NAME")]
+    pub cluster_name: String,
+    /// Cilium-format etcd config of this cluster's etcd, where the cache is written.
+    #[arg(long)]
+    pub kvstore_config: PathBuf,
+    /// Directory with one Cilium-format etcd config per remote cluster (file name = cluster).
+    #[arg(long, default_value = constants::DEFAULT_CLUSTERMESH_CONFIG_DIR)]
+    pub clustermesh_config_dir: PathBuf,
+    /// 255 (default) or 511, as configured for every agent of this cluster.
+    #[arg(long, default_value_t = constants::DEFAULT_MAX_CONNECTED_CLUSTERS)]
+    pub max_connected_clusters: u32,
+    /// Seconds to keep a removed cluster's cache before deleting it.
+    #[arg(long, default_value_t = DRAIN_GRACE.as_secs())]
+    pub drain_grace_seconds: u64,
+    /// Prometheus metrics address.
+    #[arg(long, default_value = "0.0.0.0:9965")]
+    pub metrics_address: SocketAddr,
+}
+
+pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
+    let local_max = MaxConnectedClusters::from_u32(args.max_connected_clusters)?;
+    let etcd = EtcdConfig::from_file(&args.kvstore_config)?;
+    let local = EtcdClient::connect(&etcd).await?;
+    let metrics = Metrics::new();
+    let options = MeshOptions {
+        local_max,
+        drain_grace: Duration::from_secs(args.drain_grace_seconds),
+        ..MeshOptions::default()
+    };
+    let _mesh = KvstoreMesh::spawn(
+        args.clustermesh_config_dir,
+        &args.cluster_name,
+        local,
+        metrics.clone(),
+        options,
+    );
+    let mut signals = super::count::StopSignals::new()?;
+    tokio::select! {
+        _ = signals.recv() => tracing::info!("stopping"),
+        r = metrics.serve(args.metrics_address) => r?,
+    }
+    Ok(())
+}

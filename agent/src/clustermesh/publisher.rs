@@ -1,0 +1,94 @@
+//! Publishing this agent's own node to its cluster's kvstore (Cilium's kvstore mode), with a
+//! lease kept alive so the entry disappears when the agent is gone for good, and re-asserted
+//! whenever the lease is lost (etcd restart, network partition).
+
+use std::{net::IpAddr, time::Duration};
+
+use ipnet::IpNet;
+
+use super::{Node, NodeAddress, keys};
+use crate::kvstore::{Backoff, EtcdClient};
+
+/// Cilium's kvstore lease TTL (15 min); shorter in tests.
+pub const NODE_LEASE_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// Annotation Cilium puts the WireGuard public key in.
+pub const WG_PUBKEY_ANNOTATION: &str = "network.cilium.io/wg-pub-key";
+
+/// Cilium's EncryptionKey for WireGuard-encrypted nodes.
+pub const WIREGUARD_ENCRYPTION_KEY: u8 = 255;
+
+/// What the agent publishes about its node.
+#[derive(Debug, Clone)]
+pub struct LocalNode {
+    pub cluster: String,
+    pub cluster_id: u32,
+    pub name: String,
+    pub internal_ip: IpAddr,
+    pub pod_cidrs: Vec<IpNet>,
+    pub wireguard_pubkey: Option<String>,
+}
+
+impl LocalNode {
+    /// The node value, as a Cilium agent in kvstore mode writes it.
+    pub fn to_wire(&self) -> Node {
+        let mut node = Node::new(&self.cluster, &self.name);
+        node.cluster_id = self.cluster_id;
+        node.source = "local".into();
+        node.ip_addresses = vec![NodeAddress::new("InternalIP", self.internal_ip)];
+        let (v4, v6): (Vec<IpNet>, Vec<IpNet>) = self
+            .pod_cidrs
+            .iter()
+            .partition(|c| matches!(c, IpNet::V4(_)));
+        node.ipv4_alloc_cidr = v4.first().copied();
+        node.ipv4_secondary_alloc_cidrs = v4.iter().skip(1).copied().collect();
+        node.ipv6_alloc_cidr = v6.first().copied();
+        node.ipv6_secondary_alloc_cidrs = v6.iter().skip(1).copied().collect();
+        if let Some(key) = &self.wireguard_pubkey {
+            node.wireguard_pub_key = key.clone();
+            node.encryption_key = WIREGUARD_ENCRYPTION_KEY;
+            node.annotations
+                .insert(WG_PUBKEY_ANNOTATION.into(), key.clone());
+        }
+        node
+    }
+
+    pub fn key(&self) -> String {
+        keys::node_key(&self.cluster, &self.name)
+    }
+}
+
+/// Keeps the node published until the future is dropped.
+pub async fn publish_node(client: EtcdClient, node: LocalNode, ttl: Duration) {
+    let key = node.key();
+    let value = match node.to_wire().encode() {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(%key, error = %e, "cannot encode the local node; not publishing it");
+            return;
+        }
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        let lease = match client.grant_lease(ttl).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot grant a lease for the local node; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        match client.put(&key, value.clone(), Some(lease.id())).await {
+            Ok(_) => {
+                backoff.reset();
+                tracing::info!(%key, "published the local node");
+                let state = lease.wait_lost().await;
+                tracing::warn!(%key, ?state, "lease of the local node lost; publishing again");
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot publish the local node; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}

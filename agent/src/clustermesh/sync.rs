@@ -1,0 +1,271 @@
+//! Applying one cluster's kvstore events to the state model: decode with the rules that fit
+//! where the data comes from (our own cluster, or a remote one), convert, update. Rejected
+//! values are logged once per key and reason, counted, and never touch other entries.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use super::{
+    DataKind, Rejection, RemoteContext, ServiceOutcome, convert,
+    validate::{self as v},
+};
+use crate::{kvstore::WatchEvent, metrics::Metrics, state::StateHandle};
+
+/// Whose data this is, which decides the validation rules.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    /// Our own cluster's kvstore (Cilium's kvstore mode): decodability and key checks only.
+    Local,
+    /// A remote cluster: Cilium's remote acceptance rules.
+    Remote(RemoteContext),
+}
+
+/// Per-kind "initial list complete" flags of one cluster.
+#[derive(Debug, Default)]
+pub struct SyncFlags {
+    pub nodes: AtomicBool,
+    pub services: AtomicBool,
+    pub identities: AtomicBool,
+    pub endpoints: AtomicBool,
+}
+
+impl SyncFlags {
+    pub fn flag(&self, kind: DataKind) -> Option<&AtomicBool> {
+        match kind {
+            DataKind::Nodes => Some(&self.nodes),
+            DataKind::Services => Some(&self.services),
+            DataKind::Identities => Some(&self.identities),
+            DataKind::IpCache => Some(&self.endpoints),
+            DataKind::ServiceExports => None,
+        }
+    }
+
+    pub fn all(&self) -> bool {
+        [
+            &self.nodes,
+            &self.services,
+            &self.identities,
+            &self.endpoints,
+        ]
+        .iter()
+        .all(|f| f.load(Ordering::Relaxed))
+    }
+}
+
+/// Where one cluster's data comes from and goes to, shared by its kinds.
+#[derive(Clone)]
+pub struct ClusterSource {
+    pub cluster: String,
+    /// Read from KVStoreMesh cache prefixes.
+    pub cached: bool,
+    pub origin: Origin,
+    pub state: StateHandle,
+    pub metrics: Metrics,
+}
+
+/// Applies the events of one data kind of one cluster.
+pub struct KindSync {
+    cluster: String,
+    kind: DataKind,
+    cached: bool,
+    origin: Origin,
+    state: StateHandle,
+    metrics: Metrics,
+    synced: Arc<SyncFlags>,
+    /// Keys whose values are in the state model. Shared with the next `KindSync` of the same
+    /// cluster and kind (after a reconnect with a changed config), so its first list can
+    /// remove what vanished in between.
+    present: Arc<Mutex<HashSet<String>>>,
+    /// Keys seen since this sync started, until its first list is complete.
+    listing: Option<HashSet<String>>,
+    /// Keys currently refused, with the reason last logged (so each is logged once).
+    rejected: HashMap<String, String>,
+}
+
+impl KindSync {
+    pub fn new(
+        source: ClusterSource,
+        kind: DataKind,
+        synced: Arc<SyncFlags>,
+        present: Arc<Mutex<HashSet<String>>>,
+    ) -> Self {
+        let ClusterSource {
+            cluster,
+            cached,
+            origin,
+            state,
+            metrics,
+        } = source;
+        Self {
+            cluster,
+            kind,
+            cached,
+            origin,
+            state,
+            metrics,
+            synced,
+            present,
+            listing: Some(HashSet::new()),
+            rejected: HashMap::new(),
+        }
+    }
+
+    fn present(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.present.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn apply(&mut self, event: WatchEvent) {
+        match event {
+            WatchEvent::ListDone => {
+                // Whatever an earlier session applied and this first list no longer has is gone.
+                if let Some(listed) = self.listing.take() {
+                    let stale: Vec<String> = self.present().difference(&listed).cloned().collect();
+                    for key in stale {
+                        if let Some(suffix) = self.kind.key_suffix(&key, &self.cluster, self.cached)
+                        {
+                            self.delete(suffix);
+                        }
+                        self.present().remove(&key);
+                    }
+                }
+                if let Some(flag) = self.synced.flag(self.kind) {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                tracing::info!(cluster = %self.cluster, kind = %self.kind, "initial sync complete");
+            }
+            WatchEvent::Upsert { key, value, .. } => {
+                let Some(suffix) = self.kind.key_suffix(&key, &self.cluster, self.cached) else {
+                    return;
+                };
+                let suffix = suffix.to_owned();
+                if let Some(listed) = &mut self.listing {
+                    listed.insert(key.clone());
+                }
+                match self.upsert(&suffix, &value) {
+                    Ok(()) => {
+                        self.rejected.remove(&key);
+                        self.present().insert(key);
+                        self.count("upsert");
+                    }
+                    Err(rejection) => {
+                        self.present().remove(&key);
+                        self.reject(&key, &suffix, rejection);
+                    }
+                }
+            }
+            WatchEvent::Delete { key } => {
+                let Some(suffix) = self.kind.key_suffix(&key, &self.cluster, self.cached) else {
+                    return;
+                };
+                let suffix = suffix.to_owned();
+                self.rejected.remove(&key);
+                self.present().remove(&key);
+                self.delete(&suffix);
+                self.count("delete");
+            }
+        }
+    }
+
+    fn count(&self, action: &str) {
+        self.metrics
+            .kvstore_events
+            .get_or_create(&crate::metrics::EventLabels {
+                cluster: self.cluster.clone(),
+                kind: self.kind.as_str().into(),
+                action: action.into(),
+            })
+            .inc();
+    }
+
+    fn reject(&mut self, key: &str, suffix: &str, rejection: Rejection) {
+        self.metrics
+            .rejected(&self.cluster, rejection.kind, rejection.reason.as_str());
+        let text = rejection.reason.to_string();
+        if self.rejected.get(key) != Some(&text) {
+            tracing::warn!(cluster = %self.cluster, %key, kind = rejection.kind, reason = %text, "kvstore value rejected");
+            self.rejected.insert(key.to_owned(), text);
+        }
+        // A value that turned invalid must not keep its old, valid version alive.
+        self.delete(suffix);
+    }
+
+    fn upsert(&self, suffix: &str, value: &[u8]) -> Result<(), Rejection> {
+        let state = &self.state;
+        let name = state.read().cluster_name(&self.cluster);
+        match (self.kind, &self.origin) {
+            (DataKind::Nodes, origin) => {
+                let node = match origin {
+                    Origin::Local => v::decode_local_node(suffix, value)?,
+                    Origin::Remote(ctx) => v::decode_remote_node(ctx, suffix, value)?,
+                };
+                state.update(|m| m.upsert_node(convert::node(&node, name)));
+            }
+            (DataKind::Identities, origin) => {
+                let identity = match origin {
+                    Origin::Local => v::decode_local_identity(suffix, value)?,
+                    Origin::Remote(ctx) => v::decode_remote_identity(ctx, suffix, value)?,
+                };
+                state.update(|m| m.upsert_identity(convert::identity(&identity, name)));
+            }
+            (DataKind::IpCache, origin) => {
+                let pair = match origin {
+                    Origin::Local => v::decode_local_ipcache(suffix, value)?,
+                    Origin::Remote(ctx) => v::decode_remote_ipcache(ctx, suffix, value)?,
+                };
+                if let Some(ep) = convert::endpoint(&pair, name) {
+                    state.update(|m| m.upsert_endpoint(ep));
+                }
+            }
+            (DataKind::Services, Origin::Remote(ctx)) => {
+                match v::decode_remote_service(ctx, suffix, value)? {
+                    ServiceOutcome::Upsert(svc) => {
+                        state.update(|m| m.upsert_service(convert::service(&svc, name)))
+                    }
+                    ServiceOutcome::NotShared(svc) => {
+                        let svc_name = convert::service_name(&svc.namespace, &svc.name);
+                        state.update(|m| m.delete_service(&self.cluster, &svc_name));
+                    }
+                }
+            }
+            // Local services come from the Kubernetes source; exports are not consumed yet.
+            (DataKind::Services, Origin::Local) | (DataKind::ServiceExports, _) => {}
+        }
+        Ok(())
+    }
+
+    fn delete(&self, suffix: &str) {
+        let cluster = self.cluster.as_str();
+        match self.kind {
+            DataKind::Nodes => self.state.update(|m| m.delete_node(cluster, suffix)),
+            DataKind::Identities => {
+                if let Ok(id) = suffix.parse::<u32>() {
+                    // Only the owner's delete counts: IDs are cluster-scoped by range.
+                    self.state.update(|m| {
+                        if m.identity(id)
+                            .is_some_and(|i| i.cluster.as_ref() == cluster)
+                        {
+                            m.delete_identity(id);
+                        }
+                    });
+                }
+            }
+            DataKind::IpCache => {
+                if let Some(prefix) = convert::prefix_from_key(suffix) {
+                    self.state.update(|m| m.delete_endpoint(cluster, &prefix));
+                }
+            }
+            DataKind::Services => {
+                if let Some((ns, name)) = suffix.split_once('/') {
+                    let svc = convert::service_name(ns, name);
+                    self.state.update(|m| m.delete_service(cluster, &svc));
+                }
+            }
+            DataKind::ServiceExports => {}
+        }
+    }
+}

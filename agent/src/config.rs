@@ -1,0 +1,179 @@
+//! The agent's configuration file (YAML, as mounted from a ConfigMap). Every field has a
+//! default except the cluster identity and the local kvstore, which a node cannot guess.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::constants;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read agent config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid agent config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("invalid agent config {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    pub cluster: ClusterConfig,
+    pub node: NodeConfig,
+    /// Cilium-format etcd config file of this cluster's kvstore.
+    pub kvstore_config: PathBuf,
+    #[serde(default = "default_clustermesh_dir")]
+    pub clustermesh_config_dir: PathBuf,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_api_socket")]
+    pub api_socket: PathBuf,
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub id: u32,
+    #[serde(default = "default_max_connected")]
+    pub max_connected_clusters: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Defaults to the host name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The address other nodes reach this one at (WireGuard endpoint).
+    #[serde(rename = "internalIP")]
+    pub internal_ip: std::net::IpAddr,
+    #[serde(default, rename = "podCIDRs")]
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+fn default_clustermesh_dir() -> PathBuf {
+    constants::DEFAULT_CLUSTERMESH_CONFIG_DIR.into()
+}
+fn default_state_dir() -> PathBuf {
+    constants::DEFAULT_STATE_DIR.into()
+}
+fn default_api_socket() -> PathBuf {
+    constants::DEFAULT_API_SOCKET.into()
+}
+fn default_metrics_addr() -> SocketAddr {
+    constants::DEFAULT_METRICS_ADDR
+        .parse()
+        .expect("constant is a valid address")
+}
+fn default_max_connected() -> u32 {
+    constants::DEFAULT_MAX_CONNECTED_CLUSTERS
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Self = serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.into(),
+            reason,
+        };
+        if config.cluster.id == 0 {
+            return Err(invalid(
+                "cluster.id 0 is reserved: ClusterMesh needs an ID from 1 to maxConnectedClusters"
+                    .into(),
+            ));
+        }
+        if ![255, 511].contains(&config.cluster.max_connected_clusters) {
+            return Err(invalid(format!(
+                "cluster.maxConnectedClusters must be 255 or 511, not {}",
+                config.cluster.max_connected_clusters
+            )));
+        }
+        if config.cluster.id > config.cluster.max_connected_clusters {
+            return Err(invalid(format!(
+                "cluster.id {} exceeds maxConnectedClusters {}",
+                config.cluster.id, config.cluster.max_connected_clusters
+            )));
+        }
+        Ok(config)
+    }
+
+    /// The node name: configured, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node.name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| "localhost".into())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "
+cluster: {name: cluster-usa, id: 1}
+node: {name: usa-1, internalIP: 198.18.1.1, podCIDRs: [10.1.0.0/24]}
+kvstoreConfig: /etc/strait/etcd.yaml
+";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = AgentConfig::parse(Path::new("t.yaml"), MINIMAL).unwrap();
+        assert_eq!(c.cluster.max_connected_clusters, 255);
+        assert_eq!(
+            c.clustermesh_config_dir,
+            Path::new(constants::DEFAULT_CLUSTERMESH_CONFIG_DIR)
+        );
+        assert_eq!(
+            c.node.pod_cidrs,
+            vec!["10.1.0.0/24".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(c.node_name(), "usa-1");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = AgentConfig::parse(Path::new("t.yaml"), &MINIMAL.replace("id: 1", "id: 0"))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("cluster.id 0 is reserved"),
+            "{err}"
+        );
+        let err = AgentConfig::parse(
+            Path::new("t.yaml"),
+            &MINIMAL.replace("id: 1}", "id: 1, maxConnectedClusters: 300}"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("255 or 511"), "{err}");
+        let err =
+            AgentConfig::parse(Path::new("t.yaml"), &format!("{MINIMAL}typo: 1\n")).unwrap_err();
+        assert!(err.to_string().contains("typo"), "{err}");
+    }
+}

@@ -1,0 +1,228 @@
+//! Prometheus metrics: one registry for the process, served as text on a configurable
+//! address. Families are defined here once, with the labels every module uses.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    pub cluster: String,
+    /// node | service | identity | ipcache | cluster-config
+    pub kind: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub cluster: String,
+    pub kind: String,
+    /// upsert | delete
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub cluster: String,
+    /// nodes | endpoints | identities | services
+    pub kind: String,
+}
+
+/// Every metric strait exports. Cheap to clone (families are reference-counted).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub kvstore_rejected: Family<RejectionLabels, Counter>,
+    pub kvstore_events: Family<EventLabels, Counter>,
+    pub remote_connected: Family<ClusterLabels, Gauge>,
+    pub remote_ready: Family<ClusterLabels, Gauge>,
+    pub remote_objects: Family<ObjectLabels, Gauge>,
+    pub remote_failures: Family<ClusterLabels, Counter>,
+    pub remote_last_failure: Family<ClusterLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("strait");
+        let m = Self {
+            registry: Arc::new(Registry::default()),
+            kvstore_rejected: Family::default(),
+            kvstore_events: Family::default(),
+            remote_connected: Family::default(),
+            remote_ready: Family::default(),
+            remote_objects: Family::default(),
+            remote_failures: Family::default(),
+            remote_last_failure: Family::default(),
+        };
+        registry.register(
+            "kvstore_rejected",
+            "kvstore values refused by validation, by cluster, kind and reason",
+            m.kvstore_rejected.clone(),
+        );
+        registry.register(
+            "kvstore_events",
+            "kvstore events applied to the state model",
+            m.kvstore_events.clone(),
+        );
+        registry.register(
+            "remote_cluster_connected",
+            "1 while the remote cluster's kvstore is connected",
+            m.remote_connected.clone(),
+        );
+        registry.register(
+            "remote_cluster_ready",
+            "1 while the remote cluster is connected, configured and fully synced",
+            m.remote_ready.clone(),
+        );
+        registry.register(
+            "remote_cluster_objects",
+            "objects known from a cluster, by kind",
+            m.remote_objects.clone(),
+        );
+        registry.register(
+            "remote_cluster_failures",
+            "connection failures per remote cluster",
+            m.remote_failures.clone(),
+        );
+        registry.register(
+            "remote_cluster_last_failure_timestamp_seconds",
+            "Unix time of the last connection failure per remote cluster",
+            m.remote_last_failure.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            ..m
+        }
+    }
+
+    /// The metrics in Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts a rejected kvstore value.
+    pub fn rejected(&self, cluster: &str, kind: &str, reason: &str) {
+        self.kvstore_rejected
+            .get_or_create(&RejectionLabels {
+                cluster: cluster.into(),
+                kind: kind.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Serves `GET /metrics` on `addr` until the task is dropped.
+    pub async fn serve(self, addr: SocketAddr) -> Result<(), MetricsError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        tracing::info!(%addr, "serving metrics");
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        if req.uri().path() == "/metrics" {
+                            Response::builder()
+                                .header(
+                                    "content-type",
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(Full::new(Bytes::from(metrics.render())))
+                        } else {
+                            Response::builder()
+                                .status(404)
+                                .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                        }
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_render_with_their_labels() {
+        let m = Metrics::new();
+        m.rejected("europe", "node", "cluster-mismatch");
+        m.rejected("europe", "node", "cluster-mismatch");
+        let text = m.render();
+        assert!(
+            text.contains(r#"strait_kvstore_rejected_total{cluster="europe",kind="node",reason="cluster-mismatch"} 2"#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_over_http() {
+        let m = Metrics::new();
+        m.remote_connected
+            .get_or_create(&ClusterLabels {
+                cluster: "europe".into(),
+            })
+            .set(1);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let server = tokio::spawn(m.serve(addr));
+        let body = loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut body = String::new();
+                s.read_to_string(&mut body).await.unwrap();
+                break body;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        server.abort();
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        assert!(
+            body.contains(r#"strait_remote_cluster_connected{cluster="europe"} 1"#),
+            "{body}"
+        );
+    }
+}

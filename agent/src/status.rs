@@ -1,0 +1,113 @@
+//! The agent's status document (served by the API, printed by `strait status`), modelled on
+//! `cilium-dbg status`: the remote-cluster entries use Cilium's RemoteCluster JSON names.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clustermesh::remote::RemoteClusterStatus;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct AgentStatus {
+    pub version: String,
+    pub cluster: LocalStatus,
+    pub cluster_mesh: ClusterMeshStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct LocalStatus {
+    pub name: String,
+    pub id: u32,
+    pub node: String,
+    /// The local kvstore (our own cluster's etcd).
+    pub kvstore: String,
+    pub kvstore_synced: bool,
+    pub num_nodes: usize,
+    pub num_endpoints: usize,
+    pub num_identities: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct ClusterMeshStatus {
+    pub clusters: Vec<RemoteClusterStatus>,
+    pub num_global_services: usize,
+}
+
+impl AgentStatus {
+    /// Human form, in the shape of `cilium-dbg status --all-clusters`: every cluster that is
+    /// not ready says why.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let c = &self.cluster;
+        let _ = writeln!(
+            out,
+            "Cluster:       {} (id {}), node {}",
+            c.name, c.id, c.node
+        );
+        let _ = writeln!(
+            out,
+            "KVStore:       {} ({}synced: {} nodes, {} endpoints, {} identities)",
+            c.kvstore,
+            if c.kvstore_synced { "" } else { "not " },
+            c.num_nodes,
+            c.num_endpoints,
+            c.num_identities
+        );
+        let mesh = &self.cluster_mesh;
+        let ready = mesh.clusters.iter().filter(|r| r.ready).count();
+        let _ = writeln!(
+            out,
+            "ClusterMesh:   {ready}/{} remote clusters ready, {} global-services",
+            mesh.clusters.len(),
+            mesh.num_global_services
+        );
+        for r in &mesh.clusters {
+            let _ = writeln!(
+                out,
+                "   {}: {}, {} nodes, {} endpoints, {} identities, {} services, {} reconnections (last: {})",
+                r.name,
+                if r.ready { "ready" } else { "not-ready" },
+                r.num_nodes,
+                r.num_endpoints,
+                r.num_identities,
+                r.num_shared_services,
+                r.num_failures,
+                r.last_failure.as_deref().unwrap_or("never"),
+            );
+            let _ = writeln!(out, "   └  {}", r.status);
+            match &r.config {
+                Some(cfg) => {
+                    let exports = match cfg.service_exports_enabled {
+                        None => "unsupported",
+                        Some(true) => "enabled",
+                        Some(false) => "disabled",
+                    };
+                    let _ = writeln!(
+                        out,
+                        "   └  remote configuration: expected=true, retrieved={}, cluster-id={}, kvstoremesh={}, sync-canaries={}, service-exports={exports}",
+                        cfg.retrieved, cfg.cluster_id, cfg.kvstoremesh, cfg.sync_canaries
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "   └  remote configuration: expected=true, retrieved=false"
+                    );
+                }
+            }
+            let s = &r.synced;
+            let _ = writeln!(
+                out,
+                "   └  synchronization status: nodes={}, endpoints={}, identities={}, services={}",
+                s.nodes, s.endpoints, s.identities, s.services
+            );
+            if let Some(error) = &r.error {
+                let _ = writeln!(out, "   └  error: {error}");
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,446 @@
+//! A real etcd server per test: Debian's `/usr/bin/etcd` (3.4) on free loopback ports with its
+//! own data directory, optionally with mutual TLS from certificates generated here.
+//!
+//! The guard owns the process: `stop()`/`start()` restart it on the same data directory and
+//! ports; dropping it kills it by PID and removes the directory. The child also gets
+//! `PR_SET_PDEATHSIG`, so even a test process killed outright takes etcd with it. (The signal
+//! fires when the *thread* that spawned etcd exits: start and restart servers from the test's
+//! own thread, as `#[tokio::test]` bodies do, not from a short-lived helper thread.)
+
+use std::io::Write as _;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use strait::kvstore::EtcdConfig;
+
+use crate::unique_name;
+
+pub const ETCD_BIN: &str = "/usr/bin/etcd";
+pub const ETCDCTL_BIN: &str = "/usr/bin/etcdctl";
+
+/// How long a (re)started etcd may take to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a stopped etcd may take to exit after SIGTERM before it gets SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Certificate files of a TLS-mode server (all PEM, in the server's temp directory).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// Which keys [`EtcdServer::write_cilium_config`] writes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CiliumConfigOptions {
+    /// Use the deprecated `ca-file` key instead of `trusted-ca-file`.
+    pub deprecated_ca_key: bool,
+    /// Leave out `cert-file`/`key-file`.
+    pub without_client_cert: bool,
+}
+
+/// A running etcd; see the module docs.
+pub struct EtcdServer {
+    name: String,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    /// The client port the running process listens on (differs from `client_port` only after
+    /// [`EtcdServer::start_on_spare_port`]).
+    active_port: u16,
+    tls: Option<EtcdTls>,
+    child: Option<Child>,
+}
+
+/// A port nobody listens on right now (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding 127.0.0.1:0 to pick a free port")
+        .port()
+}
+
+fn distinct_ports() -> (u16, u16) {
+    // Hold both listeners at once so the two ports differ.
+    let a = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+    let b = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
+impl EtcdServer {
+    /// A plaintext (`http://`) server, started and answering.
+    pub fn new() -> Self {
+        Self::launch(false)
+    }
+
+    /// A TLS server requiring client certificates (`--client-cert-auth`), started and answering.
+    pub fn new_tls() -> Self {
+        Self::launch(true)
+    }
+
+    fn launch(tls: bool) -> Self {
+        assert!(
+            Path::new(ETCD_BIN).exists(),
+            "{ETCD_BIN} missing: install Debian's etcd-server (`cargo xtask setup`)"
+        );
+        // tmpfs when available: etcd fsyncs every write, which costs nothing there.
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("strait-etcd-");
+        let dir = if Path::new("/dev/shm").is_dir() {
+            builder.tempdir_in("/dev/shm")
+        } else {
+            builder.tempdir()
+        }
+        .expect("creating the etcd temp dir");
+        let tls = tls.then(|| generate_tls(dir.path()));
+        let (client_port, peer_port) = distinct_ports();
+        let mut server = Self {
+            name: unique_name("etcd-"),
+            dir,
+            client_port,
+            peer_port,
+            active_port: client_port,
+            tls,
+            child: None,
+        };
+        server.start();
+        server
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    /// The client URL, e.g. `http://127.0.0.1:40123`.
+    pub fn endpoint(&self) -> String {
+        format!("{}://127.0.0.1:{}", self.scheme(), self.client_port)
+    }
+
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
+    /// The server's temp directory (data dir, certificates, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// etcd's combined stdout/stderr, appended across restarts.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// A client config for this server (with the client certificate in TLS mode).
+    pub fn config(&self) -> EtcdConfig {
+        let mut cfg = EtcdConfig::plaintext([self.endpoint()]);
+        if let Some(tls) = &self.tls {
+            cfg.trusted_ca_file = Some(tls.ca_cert.clone());
+            cfg.cert_file = Some(tls.client_cert.clone());
+            cfg.key_file = Some(tls.client_key.clone());
+        }
+        cfg
+    }
+
+    /// (Re)starts etcd on the same data directory and ports and waits until it answers.
+    pub fn start(&mut self) {
+        self.spawn_on(self.client_port);
+    }
+
+    /// Starts etcd on the same data directory but another client port, so clients configured
+    /// with [`EtcdServer::endpoint`] cannot reach it: a maintenance window in which a test
+    /// changes data behind a watcher's back. Returns that temporary endpoint. `stop()` then
+    /// `start()` to return to the normal port.
+    pub fn start_on_spare_port(&mut self) -> String {
+        let port = free_port();
+        self.spawn_on(port);
+        format!("{}://127.0.0.1:{port}", self.scheme())
+    }
+
+    fn spawn_on(&mut self, client_port: u16) {
+        assert!(self.child.is_none(), "etcd {} already running", self.name);
+        let client_url = format!("{}://127.0.0.1:{client_port}", self.scheme());
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("opening the etcd log");
+        let mut cmd = Command::new(ETCD_BIN);
+        cmd.arg("--name")
+            .arg(&self.name)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .arg("--initial-cluster")
+            .arg(format!("{}={peer_url}", self.name))
+            .args(["--initial-cluster-token", &self.name])
+            .args(["--initial-cluster-state", "new"])
+            // Faster single-node start; also lowers etcd's minimum lease TTL to 1 s.
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("cloning the log handle"))
+            .stderr(log);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca_cert)
+                .arg("--client-cert-auth");
+        }
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no parent state.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {ETCD_BIN}: {e}"));
+        self.child = Some(child);
+        self.active_port = client_port;
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let addr = format!("127.0.0.1:{}", self.active_port);
+        let mut last = String::from("not tried");
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                panic!(
+                    "etcd {} exited during start-up ({status}); log: {}\n{}",
+                    self.name,
+                    self.log_path().display(),
+                    self.log_tail()
+                );
+            }
+            if TcpStream::connect(&addr).is_ok() {
+                // A real request: the port can be open before etcd serves.
+                match self.etcdctl(&["endpoint", "health"]) {
+                    Ok(()) => return,
+                    Err(e) => last = e,
+                }
+            } else {
+                last = format!("nothing accepts on {addr} yet");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "etcd {} did not become healthy at {addr} within {READY_TIMEOUT:?} ({last}); log: {}\n{}",
+            self.name,
+            self.log_path().display(),
+            self.log_tail()
+        );
+    }
+
+    /// Runs etcdctl against the running process (with the client certificate in TLS mode).
+    pub fn etcdctl(&self, args: &[&str]) -> Result<(), String> {
+        let mut cmd = Command::new(ETCDCTL_BIN);
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!(
+                "--endpoints={}://127.0.0.1:{}",
+                self.scheme(),
+                self.active_port
+            ))
+            .args(["--command-timeout=2s", "--dial-timeout=2s"]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&tls.ca_cert)
+                .arg("--cert")
+                .arg(&tls.client_cert)
+                .arg("--key")
+                .arg(&tls.client_key);
+        }
+        let out = cmd
+            .args(args)
+            .output()
+            .map_err(|e| format!("running {ETCDCTL_BIN}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "etcdctl {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Stops etcd gracefully (SIGTERM to its PID, SIGKILL after 5 s). The data stays.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: kill(2) on the PID of our own child, which has not been reaped yet.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Writes a Cilium-format etcd config for this server to `path` and returns it.
+    pub fn write_cilium_config(&self, path: &Path, opts: CiliumConfigOptions) -> PathBuf {
+        let mut yaml = format!(
+            "# written by strait's test harness\nendpoints:\n- {}\n",
+            self.endpoint()
+        );
+        if let Some(tls) = &self.tls {
+            let ca_key = if opts.deprecated_ca_key {
+                "ca-file"
+            } else {
+                "trusted-ca-file"
+            };
+            yaml.push_str(&format!("{ca_key}: {}\n", tls.ca_cert.display()));
+            if !opts.without_client_cert {
+                yaml.push_str(&format!(
+                    "cert-file: {}\nkey-file: {}\n",
+                    tls.client_cert.display(),
+                    tls.client_key.display()
+                ));
+            }
+        }
+        // Cilium extras a reader must ignore.
+        yaml.push_str("cilium-host-aliases:\n- hostname: etcd.mesh.test\n  ips: [127.0.0.1]\n");
+        let mut f = std::fs::File::create(path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        f.write_all(yaml.as_bytes())
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        path.to_owned()
+    }
+}
+
+impl Default for EtcdServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Child::kill sends SIGKILL to this child's PID; wait reaps it before the data
+            // directory goes away.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Writes a fresh self-signed CA certificate (unrelated to any server) to `path`.
+pub fn write_unrelated_ca(path: &Path) {
+    let key = KeyPair::generate().expect("generating a CA key");
+    let ca = CertifiedIssuer::self_signed(ca_params("unrelated test CA"), key)
+        .expect("self-signing a CA");
+    std::fs::write(path, ca.pem()).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files
+/// in `dir`.
+fn generate_tls(dir: &Path) -> EtcdTls {
+    let ca = CertifiedIssuer::self_signed(
+        ca_params("strait test CA"),
+        KeyPair::generate().expect("generating the CA key"),
+    )
+    .expect("self-signing the CA");
+
+    let leaf = |cn: &str, sans: Vec<String>, ekus: Vec<ExtendedKeyUsagePurpose>| {
+        let key = KeyPair::generate().expect("generating a key");
+        let mut params = CertificateParams::new(sans).expect("certificate params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = ekus;
+        let cert = params.signed_by(&key, &*ca).expect("signing a certificate");
+        (cert.pem(), key.serialize_pem())
+    };
+    // etcd 3.4's gRPC gateway dials its own port presenting the server certificate, so with
+    // --client-cert-auth that certificate needs clientAuth too.
+    let (server_cert, server_key) = leaf(
+        "etcd-server",
+        vec!["127.0.0.1".into(), "localhost".into()],
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    );
+    let (client_cert, client_key) = leaf(
+        "remote",
+        Vec::new(),
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+    );
+
+    let write = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        path
+    };
+    EtcdTls {
+        ca_cert: write("ca.crt", &ca.pem()),
+        server_cert: write("server.crt", &server_cert),
+        server_key: write("server.key", &server_key),
+        client_cert: write("client.crt", &client_cert),
+        client_key: write("client.key", &client_key),
+    }
+}

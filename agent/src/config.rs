@@ -42,6 +42,50 @@ pub struct AgentConfig {
     pub api_socket: PathBuf,
     #[serde(default = "default_metrics_addr")]
     pub metrics_address: SocketAddr,
+    #[serde(default)]
+    pub wireguard: WireguardSection,
+}
+
+/// Transparent encryption between nodes (Cilium's WireGuard mode).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WireguardSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_wg_device")]
+    pub device: String,
+    /// `auto` (kernel module if present, else wireguard-go), `kernel` or `userspace`.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// Also encrypt node-IP traffic (peers' node IPs in their AllowedIPs).
+    #[serde(default)]
+    pub node_encryption: bool,
+    /// Drop traffic to remote pod CIDRs that has no peer yet instead of sending it in clear.
+    #[serde(default = "yes")]
+    pub strict: bool,
+    /// Prefixes that must never leave unencrypted, e.g. the mesh-wide pod supernet.
+    #[serde(default, rename = "strictCIDRs")]
+    pub strict_cidrs: Vec<IpNet>,
+    /// Underlay MTU (default: read from the interface holding the node IP); the device gets
+    /// this minus 80.
+    #[serde(default, rename = "underlayMTU")]
+    pub underlay_mtu: Option<u32>,
+}
+
+impl Default for WireguardSection {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").expect("every field has a default")
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_wg_device() -> String {
+    constants::WIREGUARD_DEVICE.into()
+}
+fn default_backend() -> String {
+    "auto".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,7 +114,7 @@ fn default_clustermesh_dir() -> PathBuf {
     constants::DEFAULT_CLUSTERMESH_CONFIG_DIR.into()
 }
 fn default_state_dir() -> PathBuf {
-    constants::DEFAULT_STATE_DIR.into()
+    constants::STATE_DIR.into()
 }
 fn default_api_socket() -> PathBuf {
     constants::DEFAULT_API_SOCKET.into()
@@ -114,6 +158,13 @@ impl AgentConfig {
                 config.cluster.max_connected_clusters
             )));
         }
+        if let Err(e) = config
+            .wireguard
+            .backend
+            .parse::<crate::wireguard::BackendChoice>()
+        {
+            return Err(invalid(format!("wireguard.backend: {e}")));
+        }
         if config.cluster.id > config.cluster.max_connected_clusters {
             return Err(invalid(format!(
                 "cluster.id {} exceeds maxConnectedClusters {}",
@@ -156,6 +207,8 @@ kvstoreConfig: /etc/strait/etcd.yaml
             vec!["10.1.0.0/24".parse::<IpNet>().unwrap()]
         );
         assert_eq!(c.node_name(), "usa-1");
+        assert!(c.wireguard.enabled && c.wireguard.strict && !c.wireguard.node_encryption);
+        assert_eq!(c.wireguard.device, constants::WIREGUARD_DEVICE);
     }
 
     #[test]
@@ -175,5 +228,11 @@ kvstoreConfig: /etc/strait/etcd.yaml
         let err =
             AgentConfig::parse(Path::new("t.yaml"), &format!("{MINIMAL}typo: 1\n")).unwrap_err();
         assert!(err.to_string().contains("typo"), "{err}");
+        let err = AgentConfig::parse(
+            Path::new("t.yaml"),
+            &format!("{MINIMAL}wireguard: {{backend: magic}}\n"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("wireguard.backend"), "{err}");
     }
 }

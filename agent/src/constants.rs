@@ -21,9 +21,6 @@ pub const WIREGUARD_PORT: u16 = 51871;
 /// Default agent configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/strait/agent.yaml";
 
-/// Default state directory (WireGuard key, caches).
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/strait";
-
 /// Default directory of remote-cluster etcd configs, one file per cluster (Cilium's layout).
 pub const DEFAULT_CLUSTERMESH_CONFIG_DIR: &str = "/var/lib/cilium/clustermesh";
 

@@ -14,11 +14,28 @@ use crate::{
         remote::{LocalCluster, RemoteTiming},
     },
     config::AgentConfig,
-    kvstore::{EtcdClient, EtcdConfig},
+    kvstore::{ClustermeshConfigDir, EtcdClient, EtcdConfig},
     metrics::Metrics,
     state::StateHandle,
     status::{AgentStatus, ClusterMeshStatus, LocalStatus},
+    wireguard::{BackendChoice, EncryptionAgent, EncryptionConfig},
 };
+
+fn encryption_config(config: &AgentConfig, node_name: &str) -> anyhow::Result<EncryptionConfig> {
+    let wg = &config.wireguard;
+    let mut cfg = EncryptionConfig::new(&config.cluster.name, node_name);
+    cfg.wireguard.device = wg.device.clone();
+    cfg.wireguard.state_dir = config.state_dir.clone();
+    cfg.wireguard.backend = wg
+        .backend
+        .parse::<BackendChoice>()
+        .map_err(anyhow::Error::msg)?;
+    cfg.wireguard.node_encryption = wg.node_encryption;
+    cfg.routing.strict = wg.strict;
+    cfg.routing.strict_cidrs = wg.strict_cidrs.clone();
+    cfg.routing.underlay_mtu = wg.underlay_mtu;
+    Ok(cfg)
+}
 
 /// Runs the agent until `stop` completes.
 pub async fn run(
@@ -38,13 +55,32 @@ pub async fn run(
         state.clone(),
         metrics.clone(),
     );
+    let (synced_tx, synced_rx) = tokio::sync::watch::channel(false);
+    let encryption = if config.wireguard.enabled {
+        let agent = EncryptionAgent::start(
+            encryption_config(&config, &node_name)?,
+            state.clone(),
+            synced_rx,
+        )
+        .await
+        .context(
+            "starting WireGuard (set `wireguard: {enabled: false}` to run without encryption)",
+        )?;
+        tracing::info!(public_key = %agent.public_key(), "WireGuard encryption on");
+        Some(Arc::new(agent))
+    } else {
+        tracing::warn!(
+            "WireGuard encryption is disabled: pod traffic between nodes is not encrypted"
+        );
+        None
+    };
     let node = LocalNode {
         cluster: config.cluster.name.clone(),
         cluster_id: config.cluster.id,
         name: node_name.clone(),
         internal_ip: config.node.internal_ip,
         pod_cidrs: config.node.pod_cidrs.clone(),
-        wireguard_pubkey: None,
+        wireguard_pubkey: encryption.as_ref().map(|e| e.public_key()),
     };
     let publisher = tokio::spawn(publisher::publish_node(
         client.clone(),
@@ -64,14 +100,53 @@ pub async fn run(
         RemoteTiming::default(),
     ));
 
+    // Peers nobody claims are garbage-collected only once every source has listed: our own
+    // cluster and every remote configured at start.
+    let expected: Vec<String> =
+        ClustermeshConfigDir::new(&config.clustermesh_config_dir, config.cluster.name.clone())
+            .scan()
+            .map(|files| {
+                files
+                    .into_iter()
+                    .filter(|(_, f)| f.config.is_ok())
+                    .map(|(name, _)| name)
+                    .collect()
+            })
+            .unwrap_or_default();
+    let sync_signal = tokio::spawn({
+        let (mesh, local_synced) = (mesh.clone(), local_watch.synced.clone());
+        async move {
+            loop {
+                let statuses = mesh.statuses();
+                let remotes_synced = expected.iter().all(|name| {
+                    statuses
+                        .iter()
+                        .any(|s| &s.name == name && s.synced.nodes && s.synced.endpoints)
+                });
+                if local_synced.all() && remotes_synced {
+                    tracing::info!("initial sync of every cluster complete");
+                    let _ = synced_tx.send(true);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+
     let status: api::StatusFn = {
-        let (state, mesh, synced) = (state.clone(), mesh.clone(), local_watch.synced.clone());
+        let (state, mesh, synced, encryption) = (
+            state.clone(),
+            mesh.clone(),
+            local_watch.synced.clone(),
+            encryption.clone(),
+        );
         let (cluster, id, kvstore) = (
             config.cluster.name.clone(),
             config.cluster.id,
             etcd.endpoints.join(","),
         );
         Arc::new(move || {
+            let encryption = encryption.as_ref().and_then(|e| e.status().ok());
             let model = state.read();
             let counts = model.counts(&cluster);
             AgentStatus {
@@ -90,6 +165,7 @@ pub async fn run(
                     clusters: mesh.statuses(),
                     num_global_services: model.service_views().iter().filter(|s| s.global).count(),
                 },
+                encryption,
             }
         })
     };
@@ -105,7 +181,11 @@ pub async fn run(
         r = metrics_server => r.context("metrics task")?.context("metrics server")?,
     }
     publisher.abort();
+    sync_signal.abort();
     drop(mesh);
+    if let Some(agent) = encryption.and_then(|e| Arc::try_unwrap(e).ok()) {
+        agent.stop().await;
+    }
     let _ = std::fs::remove_file(&config.api_socket);
     Ok(())
 }

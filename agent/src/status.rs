@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::clustermesh::remote::RemoteClusterStatus;
+use crate::{clustermesh::remote::RemoteClusterStatus, wireguard::DeviceStatus};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -13,6 +13,9 @@ pub struct AgentStatus {
     pub version: String,
     pub cluster: LocalStatus,
     pub cluster_mesh: ClusterMeshStatus,
+    /// WireGuard device and peers; `None` when encryption is off or not started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<DeviceStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -106,6 +109,39 @@ impl AgentStatus {
             );
             if let Some(error) = &r.error {
                 let _ = writeln!(out, "   └  error: {error}");
+            }
+        }
+        match &self.encryption {
+            None => {
+                let _ = writeln!(out, "Encryption:    disabled");
+            }
+            Some(wg) => {
+                let _ = writeln!(
+                    out,
+                    "Encryption:    WireGuard [{} ({}), port {}, {} peers, pubkey {}]",
+                    wg.device,
+                    wg.backend,
+                    wg.listen_port.map_or("-".into(), |p| p.to_string()),
+                    wg.peers.len(),
+                    wg.public_key
+                );
+                for p in &wg.peers {
+                    let _ = writeln!(
+                        out,
+                        "   {}/{}: endpoint {}, {} allowed IPs, last handshake {}, rx {} B, tx {} B",
+                        p.cluster.as_deref().unwrap_or("?"),
+                        p.node.as_deref().unwrap_or("unknown"),
+                        p.endpoint.map_or("-".into(), |e| e.to_string()),
+                        p.allowed_ips,
+                        p.last_handshake_unix.map_or("never".into(), |t| {
+                            crate::clustermesh::timestamp::format_rfc3339(
+                                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                            )
+                        }),
+                        p.rx_bytes,
+                        p.tx_bytes
+                    );
+                }
             }
         }
         out

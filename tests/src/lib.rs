@@ -190,3 +190,5 @@ impl Drop for TestCgroup {
 }
 
 pub mod etcd;
+
+pub mod wireguard;

@@ -724,7 +724,8 @@ async fn agent_publishes_its_node_syncs_the_mesh_and_reports_status_over_its_api
     let metrics_port = strait_tests::etcd::free_port();
     let yaml = format!(
         "cluster: {{name: cluster-usa, id: 1}}\nnode: {{name: usa-1, internalIP: 198.18.1.1, podCIDRs: [10.1.0.0/24]}}\n\
-         kvstoreConfig: {}\nclustermeshConfigDir: {}\nstateDir: {}\napiSocket: {}\nmetricsAddress: 127.0.0.1:{metrics_port}\n",
+         kvstoreConfig: {}\nclustermeshConfigDir: {}\nstateDir: {}\napiSocket: {}\nmetricsAddress: 127.0.0.1:{metrics_port}\n\
+         wireguard: {{enabled: false}}\n",
         kvstore.display(),
         mesh_dir.display(),
         dir.path().display(),

@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: everything a developer or CI runs, with set-up included.
 
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -35,6 +36,12 @@ enum Task {
     },
     /// Set up, build, and show strait counting real packets on a throwaway veth pair.
     Demo,
+    /// Run a benchmark in release mode (`sync`); arguments after `--` go to it.
+    Bench {
+        name: String,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Task::Build { release } => setup::run().and_then(|env| cmd::build_agent(&env, release)),
         Task::Test { filter } => setup::run().and_then(|env| test::run(&env, filter.as_deref())),
         Task::Demo => setup::run().and_then(|env| demo::run(&env)),
+        Task::Bench { name, args } => setup::run().and_then(|env| bench::run(&env, &name, &args)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -57,8 +57,13 @@ impl pb::agent_server::Agent for Service {
         &self,
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, tonic::Status> {
-        let json = serde_json::to_string(&(self.status)())
+        // Building the document may read the WireGuard device (blocking).
+        let status = self.status.clone();
+        let doc = tokio::task::spawn_blocking(move || status())
+            .await
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let json =
+            serde_json::to_string(&doc).map_err(|e| tonic::Status::internal(e.to_string()))?;
         Ok(Response::new(pb::StatusResponse { status_json: json }))
     }
 }

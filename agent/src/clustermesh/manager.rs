@@ -170,14 +170,10 @@ impl LocalClusterWatch {
                     state: state.clone(),
                     metrics: metrics.clone(),
                 };
-                let mut sync = KindSync::new(source, kind, synced.clone(), Arc::default());
-                let (watcher, mut rx) =
+                let sync = KindSync::new(source, kind, synced.clone(), Arc::default());
+                let (watcher, rx) =
                     ListWatcher::spawn(client.clone(), kind.watch_prefix(cluster, false));
-                tokio::spawn(async move {
-                    while let Some(event) = rx.recv().await {
-                        sync.apply(event);
-                    }
-                });
+                tokio::spawn(sync.run(rx));
                 watcher
             })
             .collect();

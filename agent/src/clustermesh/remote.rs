@@ -404,14 +404,10 @@ impl RemoteCluster {
             state: self.state.clone(),
             metrics: self.metrics.clone(),
         };
-        let mut sync = KindSync::new(source, kind, flags.clone(), present);
-        let (watcher, mut rx) =
+        let sync = KindSync::new(source, kind, flags.clone(), present);
+        let (watcher, rx) =
             ListWatcher::spawn(client.clone(), kind.watch_prefix(&self.name, cached));
-        tokio::spawn(async move {
-            while let Some(event) = rx.recv().await {
-                sync.apply(event);
-            }
-        });
+        tokio::spawn(sync.run(rx));
         watcher
     }
 

@@ -14,7 +14,11 @@ use super::{
     DataKind, Rejection, RemoteContext, ServiceOutcome, convert,
     validate::{self as v},
 };
-use crate::{kvstore::WatchEvent, metrics::Metrics, state::StateHandle};
+use crate::{
+    kvstore::WatchEvent,
+    metrics::Metrics,
+    state::{StateHandle, StateModel},
+};
 
 /// Whose data this is, which decides the validation rules.
 #[derive(Debug, Clone)]
@@ -119,7 +123,33 @@ impl KindSync {
         self.present.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn apply(&mut self, event: WatchEvent) {
+    /// Applies the watcher's events until it stops, in batches of what is already queued.
+    pub async fn run(mut self, mut events: tokio::sync::mpsc::Receiver<WatchEvent>) {
+        const MAX_BATCH: usize = 1024;
+        while let Some(first) = events.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match events.try_recv() {
+                    Ok(event) => batch.push(event),
+                    Err(_) => break,
+                }
+            }
+            self.apply_batch(batch);
+        }
+    }
+
+    /// Applies events under one state-model update, so a burst (an initial list) wakes the
+    /// reconcilers and recomputes derived state once, not per key.
+    pub fn apply_batch(&mut self, events: Vec<WatchEvent>) {
+        let state = self.state.clone();
+        state.update(|m| {
+            for event in events {
+                self.apply_one(m, event);
+            }
+        });
+    }
+
+    fn apply_one(&mut self, m: &mut StateModel, event: WatchEvent) {
         match event {
             WatchEvent::ListDone => {
                 // Whatever an earlier session applied and this first list no longer has is gone.
@@ -128,7 +158,7 @@ impl KindSync {
                     for key in stale {
                         if let Some(suffix) = self.kind.key_suffix(&key, &self.cluster, self.cached)
                         {
-                            self.delete(suffix);
+                            self.delete(m, suffix);
                         }
                         self.present().remove(&key);
                     }
@@ -146,7 +176,7 @@ impl KindSync {
                 if let Some(listed) = &mut self.listing {
                     listed.insert(key.clone());
                 }
-                match self.upsert(&suffix, &value) {
+                match self.upsert(m, &suffix, &value) {
                     Ok(()) => {
                         self.rejected.remove(&key);
                         self.present().insert(key);
@@ -154,7 +184,7 @@ impl KindSync {
                     }
                     Err(rejection) => {
                         self.present().remove(&key);
-                        self.reject(&key, &suffix, rejection);
+                        self.reject(m, &key, &suffix, rejection);
                     }
                 }
             }
@@ -165,7 +195,7 @@ impl KindSync {
                 let suffix = suffix.to_owned();
                 self.rejected.remove(&key);
                 self.present().remove(&key);
-                self.delete(&suffix);
+                self.delete(m, &suffix);
                 self.count("delete");
             }
         }
@@ -182,7 +212,7 @@ impl KindSync {
             .inc();
     }
 
-    fn reject(&mut self, key: &str, suffix: &str, rejection: Rejection) {
+    fn reject(&mut self, m: &mut StateModel, key: &str, suffix: &str, rejection: Rejection) {
         self.metrics
             .rejected(&self.cluster, rejection.kind, rejection.reason.as_str());
         let text = rejection.reason.to_string();
@@ -191,26 +221,25 @@ impl KindSync {
             self.rejected.insert(key.to_owned(), text);
         }
         // A value that turned invalid must not keep its old, valid version alive.
-        self.delete(suffix);
+        self.delete(m, suffix);
     }
 
-    fn upsert(&self, suffix: &str, value: &[u8]) -> Result<(), Rejection> {
-        let state = &self.state;
-        let name = state.read().cluster_name(&self.cluster);
+    fn upsert(&self, m: &mut StateModel, suffix: &str, value: &[u8]) -> Result<(), Rejection> {
+        let name = m.cluster_name(&self.cluster);
         match (self.kind, &self.origin) {
             (DataKind::Nodes, origin) => {
                 let node = match origin {
                     Origin::Local => v::decode_local_node(suffix, value)?,
                     Origin::Remote(ctx) => v::decode_remote_node(ctx, suffix, value)?,
                 };
-                state.update(|m| m.upsert_node(convert::node(&node, name)));
+                m.upsert_node(convert::node(&node, name));
             }
             (DataKind::Identities, origin) => {
                 let identity = match origin {
                     Origin::Local => v::decode_local_identity(suffix, value)?,
                     Origin::Remote(ctx) => v::decode_remote_identity(ctx, suffix, value)?,
                 };
-                state.update(|m| m.upsert_identity(convert::identity(&identity, name)));
+                m.upsert_identity(convert::identity(&identity, name));
             }
             (DataKind::IpCache, origin) => {
                 let pair = match origin {
@@ -218,17 +247,15 @@ impl KindSync {
                     Origin::Remote(ctx) => v::decode_remote_ipcache(ctx, suffix, value)?,
                 };
                 if let Some(ep) = convert::endpoint(&pair, name) {
-                    state.update(|m| m.upsert_endpoint(ep));
+                    m.upsert_endpoint(ep);
                 }
             }
             (DataKind::Services, Origin::Remote(ctx)) => {
                 match v::decode_remote_service(ctx, suffix, value)? {
-                    ServiceOutcome::Upsert(svc) => {
-                        state.update(|m| m.upsert_service(convert::service(&svc, name)))
-                    }
+                    ServiceOutcome::Upsert(svc) => m.upsert_service(convert::service(&svc, name)),
                     ServiceOutcome::NotShared(svc) => {
                         let svc_name = convert::service_name(&svc.namespace, &svc.name);
-                        state.update(|m| m.delete_service(&self.cluster, &svc_name));
+                        m.delete_service(&self.cluster, &svc_name);
                     }
                 }
             }
@@ -238,31 +265,29 @@ impl KindSync {
         Ok(())
     }
 
-    fn delete(&self, suffix: &str) {
+    fn delete(&self, m: &mut StateModel, suffix: &str) {
         let cluster = self.cluster.as_str();
         match self.kind {
-            DataKind::Nodes => self.state.update(|m| m.delete_node(cluster, suffix)),
+            DataKind::Nodes => m.delete_node(cluster, suffix),
             DataKind::Identities => {
                 if let Ok(id) = suffix.parse::<u32>() {
                     // Only the owner's delete counts: IDs are cluster-scoped by range.
-                    self.state.update(|m| {
-                        if m.identity(id)
-                            .is_some_and(|i| i.cluster.as_ref() == cluster)
-                        {
-                            m.delete_identity(id);
-                        }
-                    });
+                    if m.identity(id)
+                        .is_some_and(|i| i.cluster.as_ref() == cluster)
+                    {
+                        m.delete_identity(id);
+                    }
                 }
             }
             DataKind::IpCache => {
                 if let Some(prefix) = convert::prefix_from_key(suffix) {
-                    self.state.update(|m| m.delete_endpoint(cluster, &prefix));
+                    m.delete_endpoint(cluster, &prefix);
                 }
             }
             DataKind::Services => {
                 if let Some((ns, name)) = suffix.split_once('/') {
                     let svc = convert::service_name(ns, name);
-                    self.state.update(|m| m.delete_service(cluster, &svc));
+                    m.delete_service(cluster, &svc);
                 }
             }
             DataKind::ServiceExports => {}

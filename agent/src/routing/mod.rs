@@ -140,6 +140,7 @@ pub struct RouteReport {
 #[derive(Debug, Clone)]
 struct Installed {
     message: RouteMessage,
+    priority: u32,
     kind: RouteType,
     oif: Option<u32>,
     src: Option<IpAddr>,
@@ -229,10 +230,14 @@ impl RouteReconciler {
         let installed = self.owned_routes().await?;
         let mut first_error = None;
         for (prefix, want) in &plan.routes {
-            let op = match installed.get(prefix) {
-                Some(have) if have.len() == 1 && same_route(&have[0], want, dev.index) => continue,
-                Some(_) => "replace",
-                None => "add",
+            // strait installs priority 0 only; a replace targets exactly that route.
+            let op = match installed
+                .get(prefix)
+                .map(|have| (have.len(), have.iter().find(|r| r.priority == 0)))
+            {
+                Some((1, Some(r))) if same_route(r, want, dev.index) => continue,
+                Some((_, Some(_))) => "replace",
+                _ => "add",
             };
             match self.install(want, dev.index, op == "replace").await {
                 Ok(()) => {
@@ -261,11 +266,11 @@ impl RouteReconciler {
             }
         }
         for (prefix, have) in installed {
-            // A prefix with several strait routes (e.g. left with another metric) is replaced
-            // above by one; delete the others, and every prefix no longer wanted.
+            // Every prefix no longer wanted, and for wanted ones any strait route with another
+            // priority (someone edited it by hand): the priority-0 route was handled above.
             let keep = plan.routes.contains_key(&prefix);
-            for (i, route) in have.into_iter().enumerate() {
-                if keep && i == 0 {
+            for route in have {
+                if keep && route.priority == 0 {
                     continue;
                 }
                 match self.delete(&route).await {
@@ -587,7 +592,16 @@ impl RouteReconciler {
                     RouteAttribute::PrefSource(a) => ip_of(a),
                     _ => None,
                 });
+                let priority = m
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Priority(p) => Some(*p),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
                 out.entry(prefix).or_default().push(Installed {
+                    priority,
                     kind: m.header.kind,
                     oif,
                     src,

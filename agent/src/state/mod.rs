@@ -12,7 +12,7 @@ pub mod services;
 pub mod types;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, RwLock, RwLockReadGuard},
 };
 
@@ -85,6 +85,10 @@ pub struct StateModel {
     identities: BTreeMap<u32, Identity>,
     services: BTreeMap<ServiceName, BTreeMap<ClusterName, ClusterService>>,
     dirty: Dirty,
+    /// Pod CIDRs changed: refusals are recomputed once per update batch, in `settle`.
+    refusals_dirty: bool,
+    /// Objects per cluster, kept as they change: status asks often, scanning is O(mesh).
+    counts: HashMap<ClusterName, Counts>,
 }
 
 impl StateModel {
@@ -98,6 +102,8 @@ impl StateModel {
             identities: BTreeMap::new(),
             services: BTreeMap::new(),
             dirty: Dirty::default(),
+            refusals_dirty: false,
+            counts: HashMap::new(),
         };
         model
             .register_cluster(local_cluster, local_id)
@@ -171,11 +177,12 @@ impl StateModel {
             !per_cluster.is_empty()
         });
         self.clusters.remove(cluster);
+        self.counts.remove(cluster);
         self.dirty.nodes |= before.0 != self.nodes.len();
         self.dirty.endpoints |= before.1 != self.endpoints.len();
         self.dirty.identities |= before.2 != self.identities.len();
         self.dirty.services |= services_changed;
-        self.recompute_refusals();
+        self.refusals_dirty = true;
     }
 
     pub fn clusters(&self) -> impl Iterator<Item = &ClusterEntry> {
@@ -210,48 +217,55 @@ impl StateModel {
             .get(&key)
             .is_none_or(|old| old.pod_cidrs != node.pod_cidrs);
         if self.nodes.get(&key) != Some(&node) {
-            self.nodes.insert(key, node);
-            self.dirty.nodes = true;
-            if cidrs_changed {
-                self.recompute_refusals();
+            let cluster = node.cluster.clone();
+            if self.nodes.insert(key, node).is_none() {
+                self.count(&cluster, |c| c.nodes += 1);
             }
+            self.dirty.nodes = true;
+            self.refusals_dirty |= cidrs_changed;
         }
     }
 
     pub fn delete_node(&mut self, cluster: &str, name: &str) {
-        if self
-            .nodes
-            .remove(&(cluster.into(), name.to_owned()))
-            .is_some()
-        {
+        if let Some(node) = self.nodes.remove(&(cluster.into(), name.to_owned())) {
+            self.count(&node.cluster, |c| c.nodes -= 1);
             self.dirty.nodes = true;
-            self.recompute_refusals();
+            self.refusals_dirty = true;
         }
     }
 
     pub fn upsert_endpoint(&mut self, ep: Endpoint) {
         let key = (ep.cluster.clone(), ep.prefix);
         if self.endpoints.get(&key) != Some(&ep) {
-            self.endpoints.insert(key, ep);
+            let cluster = ep.cluster.clone();
+            if self.endpoints.insert(key, ep).is_none() {
+                self.count(&cluster, |c| c.endpoints += 1);
+            }
             self.dirty.endpoints = true;
         }
     }
 
     pub fn delete_endpoint(&mut self, cluster: &str, prefix: &IpNet) {
-        if self.endpoints.remove(&(cluster.into(), *prefix)).is_some() {
+        if let Some(ep) = self.endpoints.remove(&(cluster.into(), *prefix)) {
+            self.count(&ep.cluster, |c| c.endpoints -= 1);
             self.dirty.endpoints = true;
         }
     }
 
     pub fn upsert_identity(&mut self, identity: Identity) {
         if self.identities.get(&identity.id) != Some(&identity) {
-            self.identities.insert(identity.id, identity);
+            let cluster = identity.cluster.clone();
+            if let Some(old) = self.identities.insert(identity.id, identity) {
+                self.count(&old.cluster, |c| c.identities -= 1);
+            }
+            self.count(&cluster, |c| c.identities += 1);
             self.dirty.identities = true;
         }
     }
 
     pub fn delete_identity(&mut self, id: u32) {
-        if self.identities.remove(&id).is_some() {
+        if let Some(old) = self.identities.remove(&id) {
+            self.count(&old.cluster, |c| c.identities -= 1);
             self.dirty.identities = true;
         }
     }
@@ -259,7 +273,10 @@ impl StateModel {
     pub fn upsert_service(&mut self, svc: ClusterService) {
         let per_cluster = self.services.entry(svc.name.clone()).or_default();
         if per_cluster.get(&svc.cluster) != Some(&svc) {
-            per_cluster.insert(svc.cluster.clone(), svc);
+            let cluster = svc.cluster.clone();
+            if per_cluster.insert(cluster.clone(), svc).is_none() {
+                self.count(&cluster, |c| c.services += 1);
+            }
             self.dirty.services = true;
         }
     }
@@ -271,6 +288,7 @@ impl StateModel {
             if per_cluster.is_empty() {
                 self.services.remove(name);
             }
+            self.count(&cluster.into(), |c| c.services -= 1);
             self.dirty.services = true;
         }
     }
@@ -325,27 +343,19 @@ impl StateModel {
     }
 
     pub fn counts(&self, cluster: &str) -> Counts {
-        Counts {
-            nodes: self
-                .nodes
-                .keys()
-                .filter(|(c, _)| c.as_ref() == cluster)
-                .count(),
-            endpoints: self
-                .endpoints
-                .keys()
-                .filter(|(c, _)| c.as_ref() == cluster)
-                .count(),
-            identities: self
-                .identities
-                .values()
-                .filter(|i| i.cluster.as_ref() == cluster)
-                .count(),
-            services: self
-                .services
-                .values()
-                .filter(|v| v.contains_key(cluster))
-                .count(),
+        self.counts.get(cluster).copied().unwrap_or_default()
+    }
+
+    fn count(&mut self, cluster: &ClusterName, f: impl FnOnce(&mut Counts)) {
+        f(self.counts.entry(cluster.clone()).or_default());
+    }
+
+    /// Brings derived state (cluster refusals) up to date after a batch of changes.
+    /// [`StateHandle::update`] calls it; direct users of a `StateModel` call it before reading
+    /// views.
+    pub fn settle(&mut self) {
+        if std::mem::take(&mut self.refusals_dirty) {
+            self.recompute_refusals();
         }
     }
 
@@ -399,6 +409,7 @@ impl StateHandle {
         let (result, dirty) = {
             let mut model = self.model.write().unwrap_or_else(|e| e.into_inner());
             let result = f(&mut model);
+            model.settle();
             (result, std::mem::take(&mut model.dirty))
         };
         if dirty.nodes || dirty.endpoints || dirty.identities || dirty.services {

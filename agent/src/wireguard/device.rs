@@ -27,7 +27,7 @@ use super::{
 use crate::routing::TargetNetns;
 
 /// Per-peer status, for `strait status` and metrics.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PeerStatus {
     /// Node and cluster owning the key (`None` for a peer strait does not know, e.g. a leftover
     /// awaiting garbage collection).
@@ -42,7 +42,7 @@ pub struct PeerStatus {
     pub allowed_ips: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DeviceStatus {
     pub device: String,
     pub backend: BackendKind,
@@ -347,14 +347,21 @@ impl WireguardManager {
             }
             return Ok(());
         }
-        let Some(child) = inner.child.as_mut() else {
-            return Ok(());
-        };
-        let Some(status) = child.exited() else {
-            return Ok(());
-        };
-        tracing::error!(device = %self.cfg.device, %status, "wireguard-go exited; restarting it");
-        child.stop();
+        match inner.child.as_mut() {
+            Some(child) => {
+                let Some(status) = child.exited() else {
+                    return Ok(());
+                };
+                tracing::error!(device = %self.cfg.device, %status, "wireguard-go exited; restarting it");
+                child.stop();
+            }
+            // An adopted wireguard-go (not ours) that went away: from now on strait owns one.
+            None if UnixStream::connect(uapi_socket(&self.cfg.device)).is_err() => {
+                tracing::error!(device = %self.cfg.device, "the adopted wireguard-go is gone; starting one");
+                let _ = std::fs::remove_file(uapi_socket(&self.cfg.device));
+            }
+            None => return Ok(()),
+        }
         inner.child = Some(WgGoChild::spawn(
             &self.cfg.wireguard_go,
             &self.cfg.device,

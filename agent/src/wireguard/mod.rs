@@ -64,7 +64,7 @@ impl FromStr for BackendChoice {
 }
 
 /// The backend actually in use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     Kernel,
@@ -94,7 +94,10 @@ pub struct WireguardConfig {
     /// This node's cluster and name: its own record is never a peer.
     pub local_cluster: String,
     pub local_node: String,
-    /// Also put every peer's node IPs (/32, /128) in its AllowedIPs (default off).
+    /// Also put every peer's node IPs (/32, /128) in its AllowedIPs (default off). This only
+    /// lets the peers' node addresses through the tunnel; steering node-to-node traffic into
+    /// it needs fwmark policy routing (the endpoints are node IPs), which strait does not
+    /// install yet.
     pub node_encryption: bool,
     /// Native routing: also put the ipcache prefixes whose host IP is the peer's node in its
     /// AllowedIPs (default off).

@@ -596,6 +596,66 @@ mod tests {
         assert_eq!(plan.peers.len(), 2);
     }
 
+    /// Collects formatted log lines.
+    #[derive(Clone, Default)]
+    struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_bad_key_is_logged_once_while_it_lasts() {
+        let (mut m, k1, _, _) = model();
+        m.upsert_node(node(
+            "c2",
+            2,
+            "bad",
+            "198.18.5.2",
+            "10.5.0.0/24",
+            Some("AAAA".into()),
+        ));
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let count = || {
+            String::from_utf8_lossy(&logs.0.lock().unwrap())
+                .matches("node c2/bad publishes an invalid WireGuard public key")
+                .count()
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            let mut p = planner(&k1);
+            for _ in 0..3 {
+                assert!(p.plan(&m).missing.iter().any(|(n, _)| n.name == "bad"));
+            }
+            assert_eq!(count(), 1);
+            // Fixed, then broken again: reported again.
+            let mut fixed = node(
+                "c2",
+                2,
+                "bad",
+                "198.18.5.2",
+                "10.5.0.0/24",
+                Some(key(5).to_base64()),
+            );
+            m.upsert_node(fixed.clone());
+            assert!(p.plan(&m).missing.is_empty());
+            fixed.wireguard_pubkey = Some("AAAA".into());
+            m.upsert_node(fixed);
+            p.plan(&m);
+            assert_eq!(count(), 2);
+        });
+    }
+
     #[test]
     fn node_ips_and_endpoint_prefixes_are_optional_allowed_ips() {
         let (mut m, k1, k2, _) = model();
@@ -654,6 +714,7 @@ mod tests {
             "10.1.0.0/25",
             Some(key(8).to_base64()),
         ));
+        m.settle();
         let plan = planner(&k1).plan(&m);
         assert!(!plan.peers.values().any(|p| p.node.cluster == "c9"));
         let evil = plan.peers.values().find(|p| p.node.name == "evil").unwrap();

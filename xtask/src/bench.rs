@@ -1,0 +1,36 @@
+//! `cargo xtask bench <name>`: benchmarks, built in release mode, printing their own report.
+
+use crate::cmd::{self, Env};
+
+/// Benchmarks and the binary in `tests/src/bin/` that runs each.
+const BENCHES: &[(&str, &str, &str)] = &[
+    (
+        "sync",
+        "bench_sync",
+        "ingest a 100-cluster mesh from etcd into the state model: time to synced, events/s, peak RSS, put->model latency",
+    ),
+    (
+        "wireguard",
+        "bench_wireguard",
+        "reconcile 1,000 remote peers into an empty WireGuard device, then one change, then a no-op resync",
+    ),
+];
+
+pub fn run(env: &Env, name: &str, args: &[String]) -> anyhow::Result<()> {
+    let Some((_, bin, what)) = BENCHES.iter().find(|(n, _, _)| *n == name) else {
+        let known: Vec<String> = BENCHES
+            .iter()
+            .map(|(n, _, w)| format!("  {n}: {w}"))
+            .collect();
+        anyhow::bail!(
+            "unknown benchmark {name:?}; available:\n{}",
+            known.join("\n")
+        );
+    };
+    cmd::step(&format!("bench {name}: {what}"));
+    cmd::run(
+        env.cargo()
+            .args(["run", "--release", "-p", "strait-tests", "--bin", bin, "--"])
+            .args(args),
+    )
+}

@@ -157,6 +157,40 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Unencrypted baseline: routes every other node's pod CIDR explicitly over the underlay,
+    /// via the router, in each node: one route per remote pod CIDR, the same shape as the
+    /// routes strait puts on its WireGuard device, but in clear. (Without it the nodes' default
+    /// route reaches the same router; this makes the plaintext path explicit.)
+    pub fn route_pods_in_clear(&self) {
+        for node in &self.nodes {
+            let via = format!("198.18.{}.1", node.index);
+            for other in self.nodes.iter().filter(|o| o.index != node.index) {
+                ip_in(
+                    &node.ns,
+                    &[
+                        "route",
+                        "add",
+                        &other.pod_cidr.to_string(),
+                        "via",
+                        &via,
+                        "dev",
+                        &node.underlay_if,
+                    ],
+                );
+            }
+        }
+    }
+
+    /// Names of every namespace of this topology (router, nodes, pods).
+    pub fn netns_names(&self) -> Vec<String> {
+        std::iter::once(&self.router)
+            .chain(self.nodes.iter().flat_map(|n| [&n.ns, &n.pod]))
+            .map(|ns| ns.name().to_owned())
+            .collect()
+    }
+}
+
 /// No IPv6 (no router solicitations or MLD on the wire: every captured packet is ours).
 fn quiet(ns: &Netns) {
     ns.sysctl("net/ipv6/conf/all/disable_ipv6", "1");

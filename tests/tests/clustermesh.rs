@@ -582,6 +582,7 @@ async fn kvstoremesh_mirrors_remote_state_into_the_local_cache_that_agents_read(
     let mesh_dir = tempfile::tempdir().unwrap();
     write_config(mesh_dir.path(), "cluster-europe", &europe);
     let options = MeshOptions {
+        local_cluster_id: Some(1),
         config_timeout: Duration::from_secs(5),
         drain_grace: Duration::from_secs(1),
         ..MeshOptions::default()
@@ -608,6 +609,15 @@ async fn kvstoremesh_mirrors_remote_state_into_the_local_cache_that_agents_read(
         true,
     )
     .await;
+    // usa's own config and heartbeat, so other clusters can read usa's etcd directly.
+    let own = wait_key(&c_usa, "cilium/cluster-config/cluster-usa", true)
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(own).unwrap(),
+        r#"{"id":1,"capabilities":{"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#
+    );
+    wait_key(&c_usa, "cilium/.heartbeat", true).await;
     let node = get(&c_usa, "cilium/cache/nodes/v1/cluster-europe/eu-1")
         .await
         .expect("node mirrored");

@@ -19,6 +19,11 @@ pub struct KvstoremeshArgs {
     /// This cluster's name (its own config file in the directory is ignored).
     #[arg(long, env = "STRAIT_CLUSTER_NAME")]
     pub cluster_name: String,
+    /// This cluster's ID. When given, this cluster's own `cilium/cluster-config/<name>` and
+    /// the heartbeat are published too (as a clustermesh-apiserver does), so other clusters
+    /// can connect to this etcd directly.
+    #[arg(long, env = "STRAIT_CLUSTER_ID")]
+    pub cluster_id: Option<u32>,
     /// Cilium-format etcd config of this cluster's etcd, where the cache is written.
     #[arg(long)]
     pub kvstore_config: PathBuf,

@@ -12,6 +12,7 @@
 //! * [`annotations`]: global-service annotations.
 //! * [`validate`]: decoding with Cilium's acceptance rules, returning [`Rejection`]s.
 
+pub mod allocator;
 pub mod annotations;
 pub mod cluster;
 pub mod config;

@@ -92,3 +92,119 @@ pub async fn publish_node(client: EtcdClient, node: LocalNode, ttl: Duration) {
         }
     }
 }
+
+/// Publishes this node's endpoints to `cilium/state/ip/v1/default/<ip>` (Cilium's kvstore
+/// mode), each attached to one lease; when the lease is lost every entry is written again
+/// under a new one.
+pub struct EndpointPublisher {
+    client: EtcdClient,
+    node: LocalNode,
+    ttl: Duration,
+    inner: tokio::sync::Mutex<Published>,
+}
+
+struct Published {
+    lease: crate::kvstore::Lease,
+    entries: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+/// One local endpoint as the publisher writes it.
+#[derive(Debug, Clone)]
+pub struct LocalEndpoint {
+    pub ip: IpAddr,
+    pub identity: u32,
+    pub namespace: String,
+    pub pod: String,
+    /// Cilium's endpoint ID (goes into the `Metadata` field).
+    pub endpoint_id: u64,
+}
+
+impl EndpointPublisher {
+    pub async fn new(
+        client: EtcdClient,
+        node: LocalNode,
+        ttl: Duration,
+    ) -> Result<Self, crate::kvstore::KvstoreError> {
+        let lease = client.grant_lease(ttl).await?;
+        Ok(Self {
+            client,
+            node,
+            ttl,
+            inner: tokio::sync::Mutex::new(Published {
+                lease,
+                entries: Default::default(),
+            }),
+        })
+    }
+
+    fn entry(&self, ep: &LocalEndpoint) -> Result<(String, Vec<u8>), super::ClustermeshError> {
+        let key = if self.node.wireguard_pubkey.is_some() {
+            WIREGUARD_ENCRYPTION_KEY
+        } else {
+            0
+        };
+        let mut pair =
+            super::IpIdentityPair::host(ep.ip, Some(self.node.internal_ip), ep.identity, key);
+        pair.metadata =
+            super::ipcache::agent_metadata(&self.node.cluster, &self.node.name, ep.endpoint_id);
+        pair.k8s_namespace = ep.namespace.clone();
+        pair.k8s_pod_name = ep.pod.clone();
+        Ok((keys::ip_key(&pair.prefix_string()), pair.encode()?))
+    }
+
+    pub async fn publish(&self, ep: &LocalEndpoint) -> anyhow::Result<()> {
+        let (key, value) = self.entry(ep)?;
+        let mut inner = self.inner.lock().await;
+        self.client
+            .put(&key, value.clone(), Some(inner.lease.id()))
+            .await?;
+        inner.entries.insert(key, value);
+        Ok(())
+    }
+
+    pub async fn withdraw(&self, ip: IpAddr) -> anyhow::Result<()> {
+        let key = keys::ip_key(&ip.to_string());
+        let mut inner = self.inner.lock().await;
+        inner.entries.remove(&key);
+        self.client.delete(&key).await?;
+        Ok(())
+    }
+
+    /// Re-publishes everything whenever the lease is lost; runs until dropped.
+    pub async fn keep_published(&self) {
+        loop {
+            let mut lost = self.inner.lock().await.lease.subscribe();
+            let _ = lost
+                .wait_for(|s| !matches!(s, crate::kvstore::LeaseState::Alive))
+                .await;
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+            loop {
+                match self.republish().await {
+                    Ok(n) => {
+                        tracing::warn!(
+                            entries = n,
+                            "endpoint lease lost: endpoints published again"
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot publish endpoints again; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn republish(&self) -> Result<usize, crate::kvstore::KvstoreError> {
+        let lease = self.client.grant_lease(self.ttl).await?;
+        let mut inner = self.inner.lock().await;
+        for (key, value) in &inner.entries {
+            self.client
+                .put(key, value.clone(), Some(lease.id()))
+                .await?;
+        }
+        inner.lease = lease;
+        Ok(inner.entries.len())
+    }
+}

@@ -20,7 +20,7 @@ use super::{
     timestamp, validate,
 };
 use crate::{
-    kvstore::{EtcdClient, EtcdConfig, ListWatcher, WatchEvent},
+    kvstore::{EtcdClient, EtcdConfig, HeartbeatTracker, ListWatcher, WatchEvent},
     metrics::{ClusterLabels, Metrics, ObjectLabels},
     state::StateHandle,
 };
@@ -296,6 +296,8 @@ impl RemoteCluster {
         let origin = Origin::Remote(ctx);
         let mut watchers = Vec::new();
         let mut pending: Vec<DataKind> = CONSUMED_KINDS.to_vec();
+        // Cilium reports a kvstore whose heartbeat stopped (> 2 min) as unhealthy.
+        let heartbeat = HeartbeatTracker::spawn(client.clone());
         let (canary_watcher, mut canary_rx) = if canaries {
             let (w, rx) = ListWatcher::spawn(client.clone(), keys::synced_prefix(&self.name));
             (Some(w), Some(rx))
@@ -342,7 +344,14 @@ impl RemoteCluster {
                             s.last_failure = Some(timestamp::now_rfc3339());
                         }
                         s.connected = connected;
-                        s.status = if connected { etcd_status.clone() } else { format!("etcd: disconnected: {}", error.clone().unwrap_or_default()) };
+                        s.status = match (connected, heartbeat.is_stale()) {
+                            (false, _) => format!("etcd: disconnected: {}", error.clone().unwrap_or_default()),
+                            (true, true) => format!(
+                                "{etcd_status}; {}s since last heartbeat update has been received",
+                                heartbeat.heartbeat_age().unwrap_or_default().as_secs()
+                            ),
+                            (true, false) => etcd_status.clone(),
+                        };
                         s.error = self.state.read().cluster(&self.name).and_then(|c| c.refused.as_ref().map(|o| o.to_string()));
                     });
                     was_connected = connected;

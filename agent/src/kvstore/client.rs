@@ -382,6 +382,27 @@ impl EtcdClient {
         Ok(())
     }
 
+    /// Every key under `prefix`, read page by page at one revision.
+    pub async fn list_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>> {
+        let end = super::prefix_range_end(prefix.as_bytes());
+        let mut start = prefix.as_bytes().to_vec();
+        let (mut revision, mut out) = (0, Vec::new());
+        loop {
+            let page = self
+                .range_page(&start, &end, revision, super::listwatch::LIST_PAGE_LIMIT)
+                .await?;
+            revision = page.revision;
+            out.extend(page.kvs);
+            match (page.more, page.last_key) {
+                (true, Some(mut last)) => {
+                    last.push(0);
+                    start = last;
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
     /// One page of Cilium's paginated list: keys in `[start, end)`, ascending, serializable, at
     /// `revision` (0 = newest), at most `limit`.
     pub(crate) async fn range_page(

@@ -44,6 +44,10 @@ pub struct AgentConfig {
     pub metrics_address: SocketAddr,
     #[serde(default)]
     pub wireguard: WireguardSection,
+    /// Read this cluster's Services and EndpointSlices from YAML files in this directory
+    /// (demo, dev VMs, tests) instead of the Kubernetes API.
+    #[serde(default)]
+    pub manifests_dir: Option<PathBuf>,
 }
 
 /// Transparent encryption between nodes (Cilium's WireGuard mode).

@@ -88,6 +88,16 @@ pub async fn run(
         publisher::NODE_LEASE_TTL,
     ));
 
+    let _manifests = config.manifests_dir.clone().map(|dir| {
+        tracing::info!(dir = %dir.display(), "reading local services from the manifests directory");
+        crate::k8s::ManifestsSource::spawn(
+            dir,
+            state.clone(),
+            config.cluster.id,
+            Duration::from_secs(1),
+        )
+    });
+
     let mesh = Arc::new(ClusterMesh::spawn(
         config.clustermesh_config_dir.clone(),
         LocalCluster {

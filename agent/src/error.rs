@@ -3,6 +3,7 @@
 
 pub use crate::clustermesh::ClustermeshError;
 pub use crate::datapath::DatapathError;
+pub use crate::k8s::K8sError;
 pub use crate::kvstore::KvstoreError;
 pub use crate::netns::NetnsError;
 pub use crate::routing::RoutingError;
@@ -17,9 +18,13 @@ pub enum Error {
     #[error(transparent)]
     Kvstore(#[from] KvstoreError),
     #[error(transparent)]
+    K8s(#[from] K8sError),
+    #[error(transparent)]
     Clustermesh(#[from] ClustermeshError),
     #[error(transparent)]
     Wireguard(#[from] WireguardError),
     #[error(transparent)]
     Routing(#[from] RoutingError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
 }

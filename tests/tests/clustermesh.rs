@@ -732,14 +732,25 @@ async fn agent_publishes_its_node_syncs_the_mesh_and_reports_status_over_its_api
     );
     let socket = dir.path().join("strait.sock");
     let metrics_port = strait_tests::etcd::free_port();
+    // The local payment-api, global with affinity local, from a manifests directory.
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("payment-api.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: payment-api\n  namespace: default\n  annotations:\n    \
+         service.cilium.io/global: \"true\"\n    service.cilium.io/affinity: \"local\"\nspec:\n  clusterIP: 10.96.0.10\n  \
+         ports:\n  - port: 8080\n",
+    )
+    .unwrap();
     let yaml = format!(
         "cluster: {{name: cluster-usa, id: 1}}\nnode: {{name: usa-1, internalIP: 198.18.1.1, podCIDRs: [10.1.0.0/24]}}\n\
          kvstoreConfig: {}\nclustermeshConfigDir: {}\nstateDir: {}\napiSocket: {}\nmetricsAddress: 127.0.0.1:{metrics_port}\n\
-         wireguard: {{enabled: false}}\n",
+         wireguard: {{enabled: false}}\nmanifestsDir: {}\n",
         kvstore.display(),
         mesh_dir.display(),
         dir.path().display(),
-        socket.display()
+        socket.display(),
+        manifests.display()
     );
     let config = strait::config::AgentConfig::parse(Path::new("agent.yaml"), &yaml).unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -754,6 +765,7 @@ async fn agent_publishes_its_node_syncs_the_mesh_and_reports_status_over_its_api
                 && s.cluster_mesh.clusters.iter().all(|c| c.ready)
                 && !s.cluster_mesh.clusters.is_empty()
                 && s.cluster.num_nodes == 2
+                && s.cluster_mesh.num_global_services == 1
             {
                 break s;
             }

@@ -180,12 +180,15 @@ impl AgentConfig {
 
     /// The node name: configured, else the host name.
     pub fn node_name(&self) -> String {
-        self.node.name.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_else(|_| "localhost".into())
-        })
+        self.node.name.clone().unwrap_or_else(hostname)
     }
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 #[cfg(test)]

@@ -844,3 +844,91 @@ async fn agent_publishes_its_node_syncs_the_mesh_and_reports_status_over_its_api
     agent.await.unwrap().unwrap();
     assert!(!socket.exists(), "the API socket is removed on stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_services_are_exported_by_exactly_one_elected_writer() {
+    use strait::{clustermesh::exporter, k8s::ManifestsSource};
+
+    let etcd = EtcdServer::new();
+    let client = EtcdClient::connect(&etcd.config()).await.unwrap();
+    let manifests = tempfile::tempdir().unwrap();
+    let payment = "apiVersion: v1\nkind: Service\nmetadata:\n  name: payment-api\n  namespace: default\n  annotations:\n    \
+                   service.cilium.io/global: \"true\"\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: 8080\n---\n\
+                   apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: payment-api-1\n  namespace: default\n  \
+                   labels: {kubernetes.io/service-name: payment-api}\naddressType: IPv4\nports: [{port: 8080, protocol: TCP}]\n\
+                   endpoints:\n- addresses: [10.1.0.5]\n  conditions: {ready: true}\n---\n\
+                   apiVersion: v1\nkind: Service\nmetadata:\n  name: internal\n  namespace: default\nspec:\n  clusterIP: 10.96.0.11\n  \
+                   ports:\n  - port: 80\n";
+    std::fs::write(manifests.path().join("services.yaml"), payment).unwrap();
+
+    // Two replicas, each with its own view of the manifests, campaigning for the same role.
+    let replica = |identity: &str| {
+        let state = StateHandle::new("cluster-usa", 1);
+        let source = ManifestsSource::spawn(
+            manifests.path().into(),
+            state.clone(),
+            1,
+            Duration::from_millis(50),
+        );
+        let task = tokio::spawn(exporter::run(
+            client.clone(),
+            "cluster-usa".into(),
+            identity.into(),
+            state,
+            Duration::from_secs(2),
+        ));
+        (source, task)
+    };
+    let (_source_a, task_a) = replica("replica-a");
+    let (_source_b, task_b) = replica("replica-b");
+
+    let key = "cilium/state/services/v1/cluster-usa/default/payment-api";
+    let value = wait_key(&client, key, true).await.unwrap();
+    assert_eq!(
+        String::from_utf8(value).unwrap(),
+        r#"{"cluster":"cluster-usa","namespace":"default","name":"payment-api","frontends":{"10.96.0.10":{"":{"Protocol":"TCP","Port":8080}}},"backends":{"10.1.0.5":{"":{"Protocol":"TCP","Port":8080}}},"hostnames":{},"labels":{},"selector":{},"includeExternal":true,"shared":true,"clusterID":1}"#
+    );
+    assert!(
+        get(
+            &client,
+            "cilium/state/services/v1/cluster-usa/default/internal"
+        )
+        .await
+        .is_none(),
+        "non-global services are not exported"
+    );
+
+    // Exactly one leader; when it goes away, the other takes over and the export stays.
+    let leader = || async {
+        let mut election = client.raw().election_client();
+        let resp = election
+            .leader(exporter::election_name("cluster-usa"))
+            .await
+            .unwrap();
+        String::from_utf8(resp.kv().unwrap().value().to_vec()).unwrap()
+    };
+    let first = leader().await;
+    let (gone, survivor) = if first == "replica-a" {
+        (task_a, "replica-b")
+    } else {
+        (task_b, "replica-a")
+    };
+    gone.abort();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while leader().await != survivor {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{survivor} never took over from {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_key(&client, key, true).await;
+
+    // The service stops being global: the new leader withdraws it.
+    std::fs::write(
+        manifests.path().join("services.yaml"),
+        payment.replace("service.cilium.io/global: \"true\"", "other: x"),
+    )
+    .unwrap();
+    wait_key(&client, key, false).await;
+}

@@ -36,6 +36,11 @@ pub struct KvstoremeshArgs {
     /// Seconds to keep a removed cluster's cache before deleting it.
     #[arg(long, default_value_t = DRAIN_GRACE.as_secs())]
     pub drain_grace_seconds: u64,
+    /// Export this cluster's global services (requires --cluster-id), read from YAML manifests
+    /// in this directory, to `cilium/state/services/v1/<cluster>/...`. Every replica campaigns;
+    /// only the elected one writes.
+    #[arg(long)]
+    pub manifests_dir: Option<PathBuf>,
     /// Prometheus metrics address.
     #[arg(long, default_value = "0.0.0.0:9965")]
     pub metrics_address: SocketAddr,
@@ -51,6 +56,30 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
         drain_grace: Duration::from_secs(args.drain_grace_seconds),
         ..MeshOptions::default()
     };
+    let _exporter = match (&args.manifests_dir, args.cluster_id) {
+        (Some(dir), Some(id)) => {
+            let state = crate::state::StateHandle::new(&args.cluster_name, id);
+            let source = crate::k8s::ManifestsSource::spawn(
+                dir.clone(),
+                state.clone(),
+                id,
+                Duration::from_secs(1),
+            );
+            let identity = format!("{}-{}", crate::config::hostname(), std::process::id());
+            let task = tokio::spawn(crate::clustermesh::exporter::run(
+                local.clone(),
+                args.cluster_name.clone(),
+                identity,
+                state,
+                crate::clustermesh::publisher::NODE_LEASE_TTL,
+            ));
+            Some((source, AbortOnDrop(task)))
+        }
+        (Some(_), None) => anyhow::bail!(
+            "--manifests-dir needs --cluster-id: exported services carry the cluster ID"
+        ),
+        _ => None,
+    };
     let _mesh = KvstoreMesh::spawn(
         args.clustermesh_config_dir,
         &args.cluster_name,
@@ -64,4 +93,12 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
         r = metrics.serve(args.metrics_address) => r?,
     }
     Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -17,6 +17,7 @@ pub mod annotations;
 pub mod cluster;
 pub mod config;
 pub mod convert;
+pub mod exporter;
 pub mod gonet;
 pub mod identity;
 pub mod ipcache;

@@ -338,6 +338,11 @@ impl StateModel {
             .collect()
     }
 
+    /// Every service as the local cluster defines it (global or not).
+    pub fn local_services(&self) -> impl Iterator<Item = &ClusterService> {
+        self.services.values().filter_map(|v| v.get(&self.local))
+    }
+
     pub fn service_view(&self, name: &ServiceName) -> Option<ServiceView> {
         services::select(&self.local, self.services.get(name)?, |c| self.usable(c))
     }

@@ -18,6 +18,7 @@ pub mod policy;
 pub mod routing;
 pub mod state;
 pub mod status;
+pub mod task;
 pub mod wireguard;
 
 pub use error::Error;

@@ -15,6 +15,6 @@ pub struct AgentArgs {
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let config = AgentConfig::load(&args.config)?;
-    let mut signals = super::count::StopSignals::new()?;
+    let mut signals = super::signals::StopSignals::new()?;
     crate::daemon::run(config, async move { signals.recv().await }).await
 }

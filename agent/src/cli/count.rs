@@ -6,8 +6,6 @@ use anyhow::Context as _;
 use clap::Args;
 use serde_json::json;
 
-use tokio::signal::unix::{Signal, SignalKind, signal};
-
 use crate::{datapath::PacketCounterProgram, netns::NetnsGuard};
 
 #[derive(Debug, Args)]
@@ -31,7 +29,7 @@ pub struct CountArgs {
 
 pub async fn run(args: CountArgs) -> anyhow::Result<()> {
     // Listen before announcing readiness, so a stop request right after it is not lost.
-    let mut stop_signals = StopSignals::new()?;
+    let mut stop_signals = super::signals::StopSignals::new()?;
     let mut counter = PacketCounterProgram::load().context("loading the counter programs")?;
     {
         // setns affects this thread only; nothing in this block awaits.
@@ -87,27 +85,5 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-/// SIGINT (Ctrl-C) and SIGTERM (what Kubernetes sends) both mean: stop cleanly.
-pub struct StopSignals {
-    int: Signal,
-    term: Signal,
-}
-
-impl StopSignals {
-    pub fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            int: signal(SignalKind::interrupt())?,
-            term: signal(SignalKind::terminate())?,
-        })
-    }
-
-    pub async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
-        }
     }
 }

@@ -12,6 +12,7 @@ use crate::{
     constants,
     kvstore::{EtcdClient, EtcdConfig},
     metrics::Metrics,
+    task::AbortOnDrop,
 };
 
 #[derive(Debug, Args)]
@@ -87,18 +88,10 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
         metrics.clone(),
         options,
     );
-    let mut signals = super::count::StopSignals::new()?;
+    let mut signals = super::signals::StopSignals::new()?;
     tokio::select! {
         _ = signals.recv() => tracing::info!("stopping"),
         r = metrics.serve(args.metrics_address) => r?,
     }
     Ok(())
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

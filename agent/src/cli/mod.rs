@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod count;
 pub mod kvstoremesh;
+pub mod signals;
 pub mod status;
 
 use clap::{Parser, Subcommand};

@@ -20,6 +20,7 @@ use crate::{
         ClustermeshConfigDir, ConfigEvent, EtcdClient, EtcdConfig, Lease, ListWatcher, WatchEvent,
     },
     metrics::Metrics,
+    task::{AbortOnDrop, recv_opt},
 };
 
 /// Cilium's KVStoreMesh drain grace period.
@@ -121,14 +122,6 @@ impl KvstoreMesh {
             }
         });
         Self { task }
-    }
-}
-
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -338,12 +331,5 @@ impl Mirror {
             }
         };
         result.map_err(|e| format!("mirroring {kind}: {e}"))
-    }
-}
-
-async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
     }
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::task::JoinHandle;
 
 use super::{
     ClusterConfig, DataKind, MaxConnectedClusters, RemoteContext,
@@ -23,6 +23,7 @@ use crate::{
     kvstore::{EtcdClient, EtcdConfig, HeartbeatTracker, ListWatcher, WatchEvent},
     metrics::{ClusterLabels, Metrics, ObjectLabels},
     state::StateHandle,
+    task::recv_opt,
 };
 
 /// The data kinds an agent consumes from every cluster.
@@ -469,13 +470,6 @@ pub async fn retrieve_config(
         }
         attempt += 1;
         tokio::time::sleep(Duration::from_secs(attempt).min(Duration::from_secs(30))).await;
-    }
-}
-
-async fn recv_opt(rx: &mut Option<mpsc::Receiver<WatchEvent>>) -> Option<WatchEvent> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
     }
 }
 

@@ -48,7 +48,7 @@ pub async fn run(
     let metrics = Metrics::new();
 
     let etcd = EtcdConfig::from_file(&config.kvstore_config)?;
-    let client = connect_local(&etcd).await;
+    let client = EtcdClient::connect_retrying(&etcd).await;
     let local_watch = LocalClusterWatch::spawn(
         &client,
         &config.cluster.name,
@@ -198,19 +198,4 @@ pub async fn run(
     }
     let _ = std::fs::remove_file(&config.api_socket);
     Ok(())
-}
-
-/// The local kvstore is required: retry until it answers, saying so.
-async fn connect_local(etcd: &EtcdConfig) -> EtcdClient {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match EtcdClient::connect(etcd).await {
-            Ok(client) => return client,
-            Err(e) => {
-                tracing::warn!(error = %e, "local kvstore unreachable; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
 }

@@ -50,9 +50,10 @@ pub struct KvstoremeshArgs {
 pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
     let local_max = MaxConnectedClusters::from_u32(args.max_connected_clusters)?;
     let etcd = EtcdConfig::from_file(&args.kvstore_config)?;
-    let local = EtcdClient::connect(&etcd).await?;
+    let local = EtcdClient::connect_retrying(&etcd).await;
     let metrics = Metrics::new();
     let options = MeshOptions {
+        local_cluster_id: args.cluster_id,
         local_max,
         drain_grace: Duration::from_secs(args.drain_grace_seconds),
         ..MeshOptions::default()

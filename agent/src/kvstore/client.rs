@@ -143,6 +143,22 @@ impl EtcdClient {
     /// Cilium's read-only `remote` user, and it yields the etcd cluster ID). Fails within
     /// `connect_timeout` with an error naming the endpoints, or the config file for bad TLS
     /// files. Certificates are read once here: reconnect to pick up rotated files.
+    /// For an etcd the process cannot work without (its own cluster's): retries until it
+    /// answers, saying so, with a backoff from 200 ms to 10 s. Containers and their etcd
+    /// sidecar start in any order.
+    pub async fn connect_retrying(cfg: &EtcdConfig) -> Self {
+        let mut backoff = super::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            match Self::connect(cfg).await {
+                Ok(client) => return client,
+                Err(e) => {
+                    tracing::warn!(error = %e, "etcd unreachable; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+
     pub async fn connect_with(cfg: &EtcdConfig, options: &ClientOptions) -> Result<Self> {
         let urls = cfg.endpoint_urls();
         let endpoints: Arc<str> = urls.join(",").into();

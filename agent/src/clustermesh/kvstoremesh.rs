@@ -264,7 +264,12 @@ impl Mirror {
         let mut lost = lease.subscribe();
         loop {
             tokio::select! {
-                Some(event) = recv_opt(&mut canary_rx) => {
+                event = recv_opt(&mut canary_rx) => {
+                    // A closed channel must not be polled again (it would resolve at once).
+                    let Some(event) = event else {
+                        canary_rx = None;
+                        continue;
+                    };
                     if let WatchEvent::Upsert { key, .. } = event
                         && let Some(prefix) = canary_registration(&key, &self.name)
                     {

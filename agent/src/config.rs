@@ -162,6 +162,15 @@ impl AgentConfig {
                 config.cluster.max_connected_clusters
             )));
         }
+        if let Ok(max) = crate::clustermesh::MaxConnectedClusters::from_u32(
+            config.cluster.max_connected_clusters,
+        ) && let Err(e) = crate::clustermesh::cluster::validate_local_cluster(
+            &config.cluster.name,
+            config.cluster.id,
+            max,
+        ) {
+            return Err(invalid(format!("cluster: {e}")));
+        }
         if let Err(e) = config
             .wireguard
             .backend
@@ -241,5 +250,11 @@ kvstoreConfig: /etc/strait/etcd.yaml
         )
         .unwrap_err();
         assert!(err.to_string().contains("wireguard.backend"), "{err}");
+        let err = AgentConfig::parse(
+            Path::new("t.yaml"),
+            &MINIMAL.replace("cluster-usa", "Cluster_USA"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("Cluster_USA"), "{err}");
     }
 }

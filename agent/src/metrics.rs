@@ -70,55 +70,55 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        let (kvstore_rejected, kvstore_events) = (Family::default(), Family::default());
+        let (remote_connected, remote_ready, remote_objects) =
+            (Family::default(), Family::default(), Family::default());
+        let (remote_failures, remote_last_failure) = (Family::default(), Family::default());
         let mut registry = Registry::with_prefix("strait");
-        let m = Self {
-            registry: Arc::new(Registry::default()),
-            kvstore_rejected: Family::default(),
-            kvstore_events: Family::default(),
-            remote_connected: Family::default(),
-            remote_ready: Family::default(),
-            remote_objects: Family::default(),
-            remote_failures: Family::default(),
-            remote_last_failure: Family::default(),
-        };
         registry.register(
             "kvstore_rejected",
             "kvstore values refused by validation, by cluster, kind and reason",
-            m.kvstore_rejected.clone(),
+            kvstore_rejected.clone(),
         );
         registry.register(
             "kvstore_events",
             "kvstore events applied to the state model",
-            m.kvstore_events.clone(),
+            kvstore_events.clone(),
         );
         registry.register(
             "remote_cluster_connected",
             "1 while the remote cluster's kvstore is connected",
-            m.remote_connected.clone(),
+            remote_connected.clone(),
         );
         registry.register(
             "remote_cluster_ready",
             "1 while the remote cluster is connected, configured and fully synced",
-            m.remote_ready.clone(),
+            remote_ready.clone(),
         );
         registry.register(
             "remote_cluster_objects",
             "objects known from a cluster, by kind",
-            m.remote_objects.clone(),
+            remote_objects.clone(),
         );
         registry.register(
             "remote_cluster_failures",
             "connection failures per remote cluster",
-            m.remote_failures.clone(),
+            remote_failures.clone(),
         );
         registry.register(
             "remote_cluster_last_failure_timestamp_seconds",
             "Unix time of the last connection failure per remote cluster",
-            m.remote_last_failure.clone(),
+            remote_last_failure.clone(),
         );
         Self {
             registry: Arc::new(registry),
-            ..m
+            kvstore_rejected,
+            kvstore_events,
+            remote_connected,
+            remote_ready,
+            remote_objects,
+            remote_failures,
+            remote_last_failure,
         }
     }
 

@@ -4,6 +4,9 @@
 #![no_main]
 
 mod counter;
+mod lb;
+mod maps;
+mod policy;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -50,7 +50,7 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
-fn ip(args: &[&str]) {
+pub fn ip(args: &[&str]) {
     let status = Command::new("ip").args(args).status().expect("running ip");
     assert!(status.success(), "`ip {}` failed: {status}", args.join(" "));
 }
@@ -189,6 +189,7 @@ impl Drop for TestCgroup {
     }
 }
 
+pub mod datapath;
 pub mod etcd;
 
 pub mod wireguard;

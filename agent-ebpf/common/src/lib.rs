@@ -13,7 +13,51 @@ pub mod names {
     pub const PROG_COUNT_INGRESS: &str = "count_ingress";
     pub const PROG_COUNT_EGRESS: &str = "count_egress";
     pub const MAP_PACKET_COUNTERS: &str = "PKT_COUNTERS";
+
+    pub const PROG_SOCK_CONNECT4: &str = "sock4_connect";
+    pub const PROG_SOCK_SENDMSG4: &str = "sock4_sendmsg";
+    pub const PROG_SOCK_RECVMSG4: &str = "sock4_recvmsg";
+    pub const PROG_SOCK_GETPEERNAME4: &str = "sock4_getpeername";
+    /// XDP wrapper around the socket-LB selection, for `BPF_PROG_TEST_RUN` (sock_addr
+    /// programs have no test-run).
+    pub const PROG_LB_TEST: &str = "lb4_test";
+    /// tc ingress of a pod's host-side veth: packets FROM the pod (pod egress).
+    pub const PROG_POLICY_FROM_POD: &str = "policy_from_pod";
+    /// tc egress of a pod's host-side veth: packets TO the pod (pod ingress).
+    pub const PROG_POLICY_TO_POD: &str = "policy_to_pod";
+
+    pub const MAP_LB4_SERVICES: &str = "LB4_SERVICES";
+    pub const MAP_LB4_BACKENDS: &str = "LB4_BACKENDS";
+    pub const MAP_LB4_REVNAT: &str = "LB4_REVNAT";
+    pub const MAP_SOCK_REVNAT: &str = "SOCK4_REVNAT";
+    pub const MAP_IPCACHE: &str = "IPCACHE4";
+    pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+    pub const MAP_POLICY: &str = "POLICY";
+    pub const MAP_CT: &str = "CT4";
+    pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
+    pub const MAP_DROP_COUNTERS: &str = "DROP_COUNTERS";
+    pub const MAP_DP_CONFIG: &str = "DP_CONFIG";
+
+    /// Every map the agent pins (the counter program's map is per-process).
+    pub const PINNED_MAPS: [&str; 11] = [
+        MAP_LB4_SERVICES,
+        MAP_LB4_BACKENDS,
+        MAP_LB4_REVNAT,
+        MAP_SOCK_REVNAT,
+        MAP_IPCACHE,
+        MAP_ENDPOINTS,
+        MAP_POLICY,
+        MAP_CT,
+        MAP_FLOW_EVENTS,
+        MAP_DROP_COUNTERS,
+        MAP_DP_CONFIG,
+    ];
 }
+
+pub mod flow;
+pub mod ipcache;
+pub mod lb;
+pub mod policy;
 
 /// Which way a packet crossed the interface the counter program is attached to.
 #[repr(u32)]

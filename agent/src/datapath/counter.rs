@@ -3,12 +3,12 @@
 use aya::{
     Ebpf,
     maps::PerCpuArray,
-    programs::{SchedClassifier, TcAttachType, tc},
+    programs::{SchedClassifier, TcAttachType},
 };
 use serde::Serialize;
 use strait_common::{Direction, PacketClass, PacketCounter, counter_index, names};
 
-use super::{DatapathError, load_object};
+use super::{DatapathError, ensure_clsact, load_object};
 
 /// Owns the loaded counter programs and their map. Dropping it detaches every link it made.
 pub struct PacketCounterProgram {
@@ -104,17 +104,6 @@ fn classifier<'a>(
 
 /// TCX (kernel ≥ 6.6) needs no qdisc; older kernels attach through clsact, which may exist
 /// already.
-fn ensure_clsact(iface: &str) -> Result<(), DatapathError> {
-    match tc::qdisc_add_clsact(iface) {
-        Ok(()) => Ok(()),
-        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        Err(source) => Err(DatapathError::Qdisc {
-            iface: iface.to_owned(),
-            source,
-        }),
-    }
-}
-
 /// Counters read at one moment.
 #[derive(Debug, Clone, Serialize)]
 pub struct CounterSnapshot {

@@ -1,8 +1,16 @@
 //! Loading strait's eBPF object and owning what it puts in the kernel.
 
 pub mod counter;
+pub mod flows;
+pub mod ipcache;
+pub mod lb;
+pub mod loader;
+pub mod pins;
+pub mod policy;
 
 pub use counter::{CounterRow, CounterSnapshot, PacketCounterProgram};
+pub use loader::{Datapath, MapSizes};
+pub use pins::PinDir;
 
 /// The eBPF object, built from `agent-ebpf/` by build.rs and embedded with 8-byte alignment
 /// (the ELF parser reads it in place).
@@ -36,6 +44,63 @@ pub enum DatapathError {
         iface: String,
         source: aya::programs::tc::TcError,
     },
+    #[error("bpffs pin {path}: {source}")]
+    Pin {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no interface named {0}")]
+    NoInterface(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("map {map} is full ({max} entries): raise datapath.mapSizes in the agent config")]
+    MapFull { map: &'static str, max: u32 },
+    #[error("map {name} was not found at {path}: is the agent running with this pin directory?")]
+    NotPinned {
+        name: &'static str,
+        path: std::path::PathBuf,
+    },
+}
+
+impl DatapathError {
+    /// Wraps a map error, recognising a full map (E2BIG from the kernel).
+    pub fn map(name: &'static str, max: u32, source: aya::maps::MapError) -> Self {
+        if let aya::maps::MapError::SyscallError(e) = &source
+            && e.io_error.raw_os_error() == Some(libc::E2BIG)
+        {
+            return Self::MapFull { map: name, max };
+        }
+        Self::Map { name, source }
+    }
+}
+
+/// Adds the clsact qdisc tc programs hang off (needed for netlink tc before kernel 6.6).
+pub(crate) fn ensure_clsact(iface: &str) -> Result<(), DatapathError> {
+    match aya::programs::tc::qdisc_add_clsact(iface) {
+        Ok(()) => Ok(()),
+        Err(aya::programs::tc::TcError::NetlinkError(e))
+            if e.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(DatapathError::Qdisc {
+            iface: iface.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Opens a map the agent pinned (for `strait bpf ... list` and other readers).
+pub fn open_pinned(pins: &PinDir, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
+    let path = pins.map(name);
+    let data =
+        aya::maps::MapData::from_pin(&path).map_err(|_| DatapathError::NotPinned { name, path })?;
+    aya::maps::Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
 }
 
 /// Loads the embedded object (maps created, programs not yet loaded into the kernel).

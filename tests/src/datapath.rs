@@ -1,0 +1,221 @@
+//! Helpers for the datapath tests and benchmark: a client namespace whose processes live in a
+//! test cgroup (the socket load balancer is attached there), a server namespace answering on
+//! any number of backend addresses, and crafted frames for `BPF_PROG_TEST_RUN`.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
+    path::Path,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::{Netns, VethPair, ip};
+
+/// Client and server namespaces joined by a veth; the client reaches `10.0.0.0/8` through
+/// the server. Neither namespace has a route out of the machine.
+pub struct LbTopology {
+    pub client: Netns,
+    pub server: Netns,
+    pub veth: VethPair,
+    servers: Vec<BackendServer>,
+}
+
+impl LbTopology {
+    pub fn new() -> Self {
+        let (client, server) = (Netns::new(), Netns::new());
+        let veth = VethPair::new(&client, "198.18.20.1/24", &server, "198.18.20.2/24");
+        ip(&[
+            "-n",
+            client.name(),
+            "route",
+            "add",
+            "10.0.0.0/8",
+            "via",
+            "198.18.20.2",
+        ]);
+        Self {
+            client,
+            server,
+            veth,
+            servers: Vec::new(),
+        }
+    }
+
+    /// Adds a backend address on the server's loopback, answering TCP and UDP on `port` with
+    /// its own address.
+    pub fn add_backend(&mut self, addr: Ipv4Addr, port: u16) {
+        ip(&[
+            "-n",
+            self.server.name(),
+            "addr",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            "lo",
+        ]);
+        let server = self
+            .server
+            .run(move || BackendServer::start(SocketAddrV4::new(addr, port)));
+        self.servers.push(server);
+    }
+}
+
+impl Default for LbTopology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// TCP + UDP responders on one address; they answer with the address and stop on drop.
+struct BackendServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl BackendServer {
+    /// Must run inside the server namespace (sockets belong to the creating thread's netns).
+    fn start(addr: SocketAddrV4) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tcp = TcpListener::bind(addr).expect("binding a backend TCP listener");
+        tcp.set_nonblocking(true).unwrap();
+        let udp = UdpSocket::bind(addr).expect("binding a backend UDP socket");
+        udp.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let answer = addr.to_string();
+        let t = {
+            let (stop, answer) = (stop.clone(), answer.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((mut s, _)) => {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                            let mut buf = [0u8; 3];
+                            let _ = s.read_exact(&mut buf);
+                            let _ = s.write_all(answer.as_bytes());
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        let u = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(answer.as_bytes(), from);
+                    }
+                }
+            })
+        };
+        Self {
+            stop,
+            threads: vec![t, u],
+        }
+    }
+}
+
+impl Drop for BackendServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The `sockprobe` binary of this package: next to the running binary (a bench) or one
+/// directory up (a test in `deps/`). Cargo builds it for every integration test.
+pub fn sockprobe_exe() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("sockprobe"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no sockprobe binary near {}", exe.display()))
+}
+
+/// One attempt of `sockprobe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// The backend that answered, and the peer address the application saw.
+    Ok {
+        backend: String,
+        peer: SocketAddr,
+    },
+    Err {
+        errno: String,
+        millis: u64,
+    },
+}
+
+/// Runs `sockprobe` in `cgroup` + `netns`: `count` connections (or UDP exchanges) to `target`.
+pub fn probe(cgroup: &Path, netns: &str, target: SocketAddr, count: u32, udp: bool) -> Vec<Probe> {
+    let mut cmd = Command::new(sockprobe_exe());
+    cmd.arg("--cgroup")
+        .arg(cgroup)
+        .args(["--netns", netns, "--target", &target.to_string()])
+        .args(["--count", &count.to_string()]);
+    if udp {
+        cmd.arg("--udp");
+    }
+    let out = cmd.output().expect("running sockprobe");
+    assert!(
+        out.status.success(),
+        "sockprobe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                ["OK", backend, peer] => Probe::Ok {
+                    backend: (*backend).to_owned(),
+                    peer: peer.parse().expect("peer address"),
+                },
+                ["ERR", errno, ms] => Probe::Err {
+                    errno: (*errno).to_owned(),
+                    millis: ms.parse().unwrap_or(0),
+                },
+                _ => panic!("unexpected sockprobe line {l:?}"),
+            }
+        })
+        .collect()
+}
+
+/// An Ethernet + IPv4 + TCP SYN (or UDP) frame, checksums left zero (the programs under test
+/// never look at them).
+pub fn frame(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Vec<u8> {
+    let l4_len = if proto == 6 { 20 } else { 8 };
+    let mut f = vec![0u8; 14 + 20 + l4_len];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.ip().octets());
+    ip[16..20].copy_from_slice(&dst.ip().octets());
+    let l4 = &mut f[34..];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    if proto == 6 {
+        l4[12] = 5 << 4;
+        l4[13] = 0x02; // SYN
+    } else {
+        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    }
+    f
+}

@@ -1,0 +1,493 @@
+//! The eBPF datapath, really loaded: policy verdicts and LB selection through
+//! `BPF_PROG_TEST_RUN` on crafted frames, and the socket load balancer through real
+//! `connect()`/`sendto()` from a process in a test cgroup and namespace.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+};
+
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{TestRun as _, TestRunOptions},
+};
+use ipnet::Ipv4Net;
+use strait::{
+    datapath::{
+        Datapath, MapSizes,
+        flows::drop_counts,
+        ipcache::IpcacheWriter,
+        lb::{self, LbWriter},
+        policy::{EndpointSpec, PolicyWriter},
+    },
+    policy::{Direction, EndpointPolicy, PolicyEntry},
+    state::{
+        Affinity, Backend, BackendState, ClusterService, PortMap, Protocol, ServiceName, StateModel,
+    },
+};
+use strait_common::{
+    flow::{DropReason, FLOW_FLAG_REMOTE_UNKNOWN, FlowEvent, VERDICT_DROPPED},
+    ipcache::{IDENTITY_WORLD, IpcacheValue},
+    names,
+};
+use strait_tests::{
+    TestCgroup,
+    datapath::{LbTopology, Probe, frame, probe},
+    require_privileges,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+/// `BPF_PROG_TEST_RUN` runs tc programs on loopback: the endpoint's ifindex is 1.
+const LO: u32 = 1;
+
+fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+
+fn ipc(identity: u32, cluster_id: u16) -> IpcacheValue {
+    IpcacheValue {
+        identity,
+        cluster_id,
+        ..Default::default()
+    }
+}
+
+struct PolicyRig {
+    dp: Datapath,
+    policy: PolicyWriter,
+    events: RingBuf<MapData>,
+}
+
+impl PolicyRig {
+    fn new(ipcache: &[(&str, IpcacheValue)]) -> Self {
+        let sizes = MapSizes::default();
+        let mut dp = Datapath::load(None, &sizes).expect("loading the datapath");
+        let mut ipc =
+            IpcacheWriter::new(dp.take_map(names::MAP_IPCACHE).unwrap(), sizes.ipcache).unwrap();
+        let desired: BTreeMap<Ipv4Net, IpcacheValue> = ipcache
+            .iter()
+            .map(|(p, v)| (p.parse().unwrap(), *v))
+            .collect();
+        assert!(ipc.sync(&desired, true).failed.is_empty());
+        let policy = PolicyWriter::new(
+            dp.take_map(names::MAP_ENDPOINTS).unwrap(),
+            dp.take_map(names::MAP_POLICY).unwrap(),
+            sizes.endpoints,
+            sizes.policy,
+        )
+        .unwrap();
+        let events = RingBuf::try_from(dp.take_map(names::MAP_FLOW_EVENTS).unwrap()).unwrap();
+        Self { dp, policy, events }
+    }
+
+    fn run(&mut self, from_pod: bool, f: &[u8]) -> u32 {
+        let prog = self.dp.policy_program(from_pod).unwrap();
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(f);
+        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    }
+
+    fn events(&mut self) -> Vec<FlowEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            // SAFETY: FlowEvent records written by the datapath.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+        }
+        out
+    }
+}
+
+fn entry(identity: u32, direction: Direction, protocol: u8, port: u16, deny: bool) -> PolicyEntry {
+    PolicyEntry {
+        identity,
+        direction,
+        protocol,
+        port,
+        deny,
+    }
+}
+
+#[test]
+fn policy_verdicts_by_test_run() {
+    require_privileges();
+    // frontend (1000) and other (2000) in cluster 1, a mixed identity 4000, the db pod itself.
+    let mut rig = PolicyRig::new(&[
+        ("10.1.0.5/32", ipc(1000, 1)),
+        ("10.1.0.6/32", ipc(2000, 1)),
+        ("10.1.0.8/32", ipc(4000, 1)),
+        ("10.2.0.7/32", ipc(3000, 2)),
+    ]);
+    let mut policy = EndpointPolicy {
+        ingress_enforced: true,
+        egress_enforced: true,
+        ..Default::default()
+    };
+    policy.entries = BTreeSet::from([
+        entry(1000, Direction::Ingress, 6, 5432, false),
+        entry(4000, Direction::Ingress, 6, 5432, false),
+        entry(4000, Direction::Ingress, 0, 0, true),
+        entry(IDENTITY_WORLD, Direction::Ingress, 6, 80, false),
+    ]);
+    rig.policy
+        .set_endpoint(&EndpointSpec {
+            ifindex: LO,
+            address: "10.2.0.7".parse().unwrap(),
+            identity: 3000,
+            policy,
+        })
+        .unwrap();
+    let db = "10.2.0.7:5432";
+    let cases: [(&str, &str, u32, Option<DropReason>); 6] = [
+        ("allowed by identity", "10.1.0.5:40001", TC_ACT_OK, None),
+        (
+            "denied by identity",
+            "10.1.0.6:40002",
+            TC_ACT_SHOT,
+            Some(DropReason::PolicyDenied),
+        ),
+        (
+            "deny rule beats allow",
+            "10.1.0.8:40003",
+            TC_ACT_SHOT,
+            Some(DropReason::PolicyDenyRule),
+        ),
+        (
+            "unknown source is world: no rule for 5432",
+            "203.0.113.9:40004",
+            TC_ACT_SHOT,
+            Some(DropReason::PolicyDenied),
+        ),
+        (
+            "allowed source again (conntrack hit)",
+            "10.1.0.5:40001",
+            TC_ACT_OK,
+            None,
+        ),
+        (
+            "denied source again (no state was created)",
+            "10.1.0.6:40002",
+            TC_ACT_SHOT,
+            Some(DropReason::PolicyDenied),
+        ),
+    ];
+    for (what, src, want, _) in cases {
+        let got = rig.run(false, &frame(sa(src), sa(db), 6));
+        assert_eq!(got, want, "{what}: {src} -> {db}");
+    }
+    assert_eq!(
+        rig.run(false, &frame(sa("10.1.0.5:40005"), sa("10.2.0.7:22"), 6)),
+        TC_ACT_SHOT,
+        "denied by port"
+    );
+    assert_eq!(
+        rig.run(false, &frame(sa("203.0.113.9:40006"), sa("10.2.0.7:80"), 6)),
+        TC_ACT_OK,
+        "world allowed on port 80 by the world rule"
+    );
+    // The db's reply to the allowed client leaves through egress, which is enforced with no
+    // rule at all: only conntrack lets it through.
+    assert_eq!(
+        rig.run(true, &frame(sa(db), sa("10.1.0.5:40001"), 6)),
+        TC_ACT_OK,
+        "reply allowed through conntrack"
+    );
+    assert_eq!(
+        rig.run(true, &frame(sa("10.2.0.7:40007"), sa("10.1.0.5:9999"), 6)),
+        TC_ACT_SHOT,
+        "a new egress flow is not a reply"
+    );
+
+    // Drop events: one per dropped packet, with both identities and the right reason.
+    let events = rig.events();
+    let drops: Vec<&FlowEvent> = events
+        .iter()
+        .filter(|e| e.verdict == VERDICT_DROPPED)
+        .collect();
+    assert_eq!(drops.len(), 6, "{events:?}");
+    let by_port = |p: u16| drops.iter().filter(move |e| u16::from_be(e.sport) == p);
+    let denied = by_port(40002).next().unwrap();
+    assert_eq!(
+        (
+            denied.src_identity,
+            denied.dst_identity,
+            denied.reason,
+            denied.remote_cluster_id
+        ),
+        (2000, 3000, DropReason::PolicyDenied as u8, 1)
+    );
+    let deny_rule = by_port(40003).next().unwrap();
+    assert_eq!(deny_rule.reason, DropReason::PolicyDenyRule as u8);
+    let world = by_port(40004).next().unwrap();
+    assert_eq!(world.src_identity, IDENTITY_WORLD);
+    assert_ne!(world.flags & FLOW_FLAG_REMOTE_UNKNOWN, 0);
+    let egress = drops
+        .iter()
+        .find(|e| u16::from_be(e.dport) == 9999)
+        .unwrap();
+    assert_eq!((egress.src_identity, egress.dst_identity), (3000, 1000));
+
+    let counts: BTreeMap<DropReason, u64> =
+        drop_counts(&rig.dp.take_map(names::MAP_DROP_COUNTERS).unwrap())
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(counts[&DropReason::PolicyDenied], 5, "{counts:?}");
+    assert_eq!(counts[&DropReason::PolicyDenyRule], 1, "{counts:?}");
+}
+
+#[test]
+fn policy_applies_to_new_flows_and_unselected_endpoints_allow_all() {
+    require_privileges();
+    let mut rig = PolicyRig::new(&[("10.1.0.6/32", ipc(2000, 1))]);
+    let spec = |policy| EndpointSpec {
+        ifindex: LO,
+        address: "10.2.0.7".parse().unwrap(),
+        identity: 3000,
+        policy,
+    };
+    rig.policy
+        .set_endpoint(&spec(EndpointPolicy::default()))
+        .unwrap();
+    let old_flow = frame(sa("10.1.0.6:41000"), sa("10.2.0.7:5432"), 6);
+    assert_eq!(
+        rig.run(false, &old_flow),
+        TC_ACT_OK,
+        "no policy selects it: allow all"
+    );
+    // Now an ingress policy selects the endpoint without allowing identity 2000.
+    rig.policy
+        .set_endpoint(&spec(EndpointPolicy {
+            ingress_enforced: true,
+            ..Default::default()
+        }))
+        .unwrap();
+    assert_eq!(
+        rig.run(false, &old_flow),
+        TC_ACT_OK,
+        "the established flow keeps working"
+    );
+    assert_eq!(
+        rig.run(false, &frame(sa("10.1.0.6:41001"), sa("10.2.0.7:5432"), 6)),
+        TC_ACT_SHOT,
+        "a new flow gets the new policy"
+    );
+}
+
+struct LbRig {
+    dp: Datapath,
+    lb: LbWriter,
+}
+
+impl LbRig {
+    fn new(pins: Option<strait::datapath::PinDir>) -> Self {
+        let sizes = MapSizes::default();
+        let mut dp = Datapath::load(pins, &sizes).expect("loading the datapath");
+        let lb = LbWriter::new(
+            dp.take_map(names::MAP_LB4_SERVICES).unwrap(),
+            dp.take_map(names::MAP_LB4_BACKENDS).unwrap(),
+            dp.take_map(names::MAP_LB4_REVNAT).unwrap(),
+            sizes,
+        )
+        .unwrap();
+        Self { dp, lb }
+    }
+
+    fn program(&mut self, model: &StateModel) {
+        let (desired, skipped) = lb::desired(&model.service_views());
+        assert_eq!(skipped, 0);
+        let report = self.lb.sync(&desired, true);
+        assert!(report.failed.is_empty(), "{report:?}");
+    }
+}
+
+const VIP: &str = "10.96.0.10";
+const PORT: u16 = 8080;
+
+fn service(cluster: &str, id: u32, affinity: Affinity, backends: &[&str]) -> ClusterService {
+    let ports = |proto| PortMap::from([(String::from("http"), (proto, PORT))]);
+    let mut frontend = ports(Protocol::Tcp);
+    frontend.insert("dns".into(), (Protocol::Udp, PORT));
+    ClusterService {
+        name: ServiceName {
+            namespace: "default".into(),
+            name: "payment-api".into(),
+        },
+        cluster: cluster.into(),
+        cluster_id: id,
+        frontends: BTreeMap::from([(VIP.parse().unwrap(), frontend.clone())]),
+        backends: backends
+            .iter()
+            .map(|ip| Backend {
+                ip: ip.parse().unwrap(),
+                ports: frontend.clone(),
+                state: BackendState::Active,
+            })
+            .collect(),
+        global: true,
+        shared: true,
+        affinity,
+    }
+}
+
+fn model(local: &[&str], remote: &[&str], affinity: Affinity) -> StateModel {
+    let mut m = StateModel::new("usa", 1);
+    m.register_cluster("europe", 2).unwrap();
+    m.upsert_service(service("usa", 1, affinity, local));
+    m.upsert_service(service("europe", 2, Affinity::None, remote));
+    m.settle();
+    m
+}
+
+#[test]
+fn lb_selection_by_test_run() {
+    require_privileges();
+    let mut rig = LbRig::new(None);
+    let backends = ["10.1.0.11", "10.1.0.12", "10.1.0.13"];
+    rig.program(&model(&backends, &[], Affinity::Local));
+    let syn = frame(
+        sa("10.1.0.99:40000"),
+        SocketAddrV4::new(VIP.parse().unwrap(), PORT),
+        6,
+    );
+    let mut seen = BTreeSet::new();
+    for _ in 0..200 {
+        let mut out = vec![0u8; syn.len()];
+        let prog = rig.dp.lb_test_program().unwrap();
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&syn);
+        opts.data_out = Some(&mut out);
+        let r = prog.test_run(opts).unwrap();
+        assert_eq!(r.return_value, XDP_TX, "translated");
+        let dst = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        let port = u16::from_be_bytes([out[36], out[37]]);
+        assert_eq!(port, PORT);
+        seen.insert(dst.to_string());
+    }
+    assert_eq!(seen, backends.iter().map(|s| s.to_string()).collect());
+
+    let run = |rig: &mut LbRig, f: &[u8]| {
+        let prog = rig.dp.lb_test_program().unwrap();
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(f);
+        prog.test_run(opts).unwrap().return_value
+    };
+    let other = frame(sa("10.1.0.99:40000"), sa("10.96.0.99:8080"), 6);
+    assert_eq!(run(&mut rig, &other), XDP_PASS, "not a service");
+    rig.program(&model(&[], &[], Affinity::Local));
+    assert_eq!(run(&mut rig, &syn), XDP_DROP, "service without backends");
+}
+
+fn vip() -> SocketAddr {
+    SocketAddr::new(VIP.parse().unwrap(), PORT)
+}
+
+fn backends_of(probes: &[Probe]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for p in probes {
+        match p {
+            Probe::Ok { backend, peer } => {
+                assert_eq!(*peer, vip(), "the application sees the VIP as its peer");
+                *out.entry(backend.split(':').next().unwrap().to_owned())
+                    .or_default() += 1;
+            }
+            Probe::Err { errno, .. } => panic!("connection failed: {errno}"),
+        }
+    }
+    out
+}
+
+fn topology(addrs: &[&str]) -> LbTopology {
+    let mut t = LbTopology::new();
+    for a in addrs {
+        t.add_backend(a.parse().unwrap(), PORT);
+    }
+    t
+}
+
+#[test]
+fn socket_lb_spreads_connections_and_fails_fast_without_backends() {
+    require_privileges();
+    let local = ["10.1.0.11", "10.1.0.12", "10.1.0.13", "10.1.0.14"];
+    let topo = topology(&local);
+    let cgroup = TestCgroup::new();
+    let mut rig = LbRig::new(None);
+    rig.dp.attach_socket_lb(cgroup.path()).unwrap();
+    rig.program(&model(&local, &[], Affinity::Local));
+
+    let hits = backends_of(&probe(cgroup.path(), topo.client.name(), vip(), 120, false));
+    assert_eq!(hits.len(), 4, "every backend gets connections: {hits:?}");
+
+    // Remove one backend: no new connection reaches it.
+    rig.program(&model(&local[..3], &[], Affinity::Local));
+    let hits = backends_of(&probe(cgroup.path(), topo.client.name(), vip(), 60, false));
+    assert!(!hits.contains_key(local[3]), "{hits:?}");
+    assert_eq!(hits.len(), 3, "{hits:?}");
+
+    // No backend at all: connect fails at once with EHOSTUNREACH (not a hang, not EPERM).
+    rig.program(&model(&[], &[], Affinity::Local));
+    let probes = probe(cgroup.path(), topo.client.name(), vip(), 3, false);
+    for p in &probes {
+        assert!(
+            matches!(p, Probe::Err { errno, .. } if errno == "EHOSTUNREACH"),
+            "{probes:?}"
+        );
+    }
+}
+
+#[test]
+fn socket_lb_affinity_follows_local_backends() {
+    require_privileges();
+    let local = ["10.1.0.21", "10.1.0.22"];
+    let remote = ["10.2.0.21", "10.2.0.22"];
+    let topo = topology(&[&local[..], &remote[..]].concat());
+    let cgroup = TestCgroup::new();
+    let mut rig = LbRig::new(None);
+    rig.dp.attach_socket_lb(cgroup.path()).unwrap();
+    let clients = |rig: &mut LbRig, m: StateModel| {
+        rig.program(&m);
+        backends_of(&probe(cgroup.path(), topo.client.name(), vip(), 40, false))
+            .into_keys()
+            .collect::<BTreeSet<_>>()
+    };
+    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+
+    assert_eq!(
+        clients(&mut rig, model(&local, &remote, Affinity::Local)),
+        set(&local)
+    );
+    assert_eq!(
+        clients(&mut rig, model(&[], &remote, Affinity::Local)),
+        set(&remote),
+        "failover"
+    );
+    assert_eq!(
+        clients(&mut rig, model(&local[..1], &remote, Affinity::Local)),
+        set(&local[..1]),
+        "back to local"
+    );
+    assert_eq!(
+        clients(&mut rig, model(&local, &remote, Affinity::Remote)),
+        set(&remote)
+    );
+    assert_eq!(
+        clients(&mut rig, model(&local, &remote, Affinity::None)),
+        set(&[&local[..], &remote[..]].concat())
+    );
+}
+
+#[test]
+fn socket_lb_udp_replies_come_from_the_vip() {
+    require_privileges();
+    let local = ["10.1.0.31", "10.1.0.32"];
+    let topo = topology(&local);
+    let cgroup = TestCgroup::new();
+    let mut rig = LbRig::new(None);
+    rig.dp.attach_socket_lb(cgroup.path()).unwrap();
+    rig.program(&model(&local, &[], Affinity::Local));
+    let hits = backends_of(&probe(cgroup.path(), topo.client.name(), vip(), 30, true));
+    assert_eq!(hits.len(), 2, "{hits:?}");
+}

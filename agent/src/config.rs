@@ -48,6 +48,32 @@ pub struct AgentConfig {
     /// (demo, dev VMs, tests) instead of the Kubernetes API.
     #[serde(default)]
     pub manifests_dir: Option<PathBuf>,
+    /// The eBPF datapath (socket load balancer, ipcache, policy). Absent: not loaded, and
+    /// the agent only syncs state and runs encryption.
+    #[serde(default)]
+    pub datapath: Option<DatapathSection>,
+}
+
+/// The eBPF datapath.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DatapathSection {
+    /// bpffs directory under which the versioned pin directory (`strait-v<N>`) lives.
+    #[serde(default = "default_pin_root")]
+    pub pin_root: PathBuf,
+    /// cgroup v2 directory whose processes get the socket load balancer (every pod of the
+    /// node: the cgroup v2 root on a real node). Default: the cgroup v2 mount point.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// Also report allowed new flows to `strait observe` (drops are always reported).
+    #[serde(default)]
+    pub trace_allowed: bool,
+    #[serde(default)]
+    pub map_sizes: crate::datapath::MapSizes,
+}
+
+fn default_pin_root() -> PathBuf {
+    constants::BPFFS_ROOT.into()
 }
 
 /// Transparent encryption between nodes (Cilium's WireGuard mode).

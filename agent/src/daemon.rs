@@ -14,6 +14,7 @@ use crate::{
         remote::{LocalCluster, RemoteTiming},
     },
     config::AgentConfig,
+    datapath::{DatapathAgent, flows::IdentityLookup},
     kvstore::{ClustermeshConfigDir, EtcdClient, EtcdConfig},
     metrics::Metrics,
     state::StateHandle,
@@ -37,6 +38,22 @@ fn encryption_config(config: &AgentConfig, node_name: &str) -> anyhow::Result<En
     Ok(cfg)
 }
 
+/// Names identities in flow events: (cluster, labels) from the state model, with Cilium's
+/// reserved identities spelled out.
+fn identity_lookup(state: &StateHandle) -> IdentityLookup {
+    let state = state.clone();
+    Arc::new(move |id| match id {
+        0 => (None, vec!["reserved:unknown".into()]),
+        1 => (None, vec!["reserved:host".into()]),
+        2 => (None, vec!["reserved:world".into()]),
+        _ => state
+            .read()
+            .identity(id)
+            .map(|i| (Some(i.cluster.to_string()), i.labels.clone()))
+            .unwrap_or_default(),
+    })
+}
+
 /// Runs the agent until `stop` completes.
 pub async fn run(
     config: AgentConfig,
@@ -56,6 +73,24 @@ pub async fn run(
         metrics.clone(),
     );
     let (synced_tx, synced_rx) = tokio::sync::watch::channel(false);
+    let datapath = match &config.datapath {
+        Some(section) => Some(Arc::new(
+            DatapathAgent::start(
+                section,
+                state.clone(),
+                synced_rx.clone(),
+                metrics.clone(),
+                identity_lookup(&state),
+            )
+            .context(
+                "starting the eBPF datapath (remove the `datapath:` section to run without it)",
+            )?,
+        )),
+        None => {
+            tracing::warn!("no `datapath:` section in the config: the eBPF datapath is not loaded");
+            None
+        }
+    };
     let encryption = if config.wireguard.enabled {
         let agent = EncryptionAgent::start(
             encryption_config(&config, &node_name)?,
@@ -144,11 +179,12 @@ pub async fn run(
     });
 
     let status: api::StatusFn = {
-        let (state, mesh, synced, encryption) = (
+        let (state, mesh, synced, encryption, datapath) = (
             state.clone(),
             mesh.clone(),
             local_watch.synced.clone(),
             encryption.clone(),
+            datapath.clone(),
         );
         let (cluster, id, kvstore) = (
             config.cluster.name.clone(),
@@ -159,6 +195,7 @@ pub async fn run(
             let encryption = encryption.as_ref().and_then(|e| e.status().ok());
             let model = state.read();
             let counts = model.counts(&cluster);
+            let datapath = datapath.as_ref().map(|d| d.status());
             AgentStatus {
                 version: env!("CARGO_PKG_VERSION").into(),
                 cluster: LocalStatus {
@@ -176,12 +213,14 @@ pub async fn run(
                     num_global_services: model.service_views().iter().filter(|s| s.global).count(),
                 },
                 encryption,
+                datapath,
             }
         })
     };
     let api_server = tokio::spawn({
         let path = config.api_socket.clone();
-        async move { api::serve(&path, status).await }
+        let flows = datapath.as_ref().map(|d| d.flows());
+        async move { api::serve(&path, status, flows).await }
     });
     let metrics_server = tokio::spawn(metrics.clone().serve(config.metrics_address));
 

@@ -22,6 +22,8 @@ async fn main() -> std::process::ExitCode {
         Command::Agent(args) => strait::cli::agent::run(args).await,
         Command::Status(args) => strait::cli::status::run(args).await,
         Command::Kvstoremesh(args) => strait::cli::kvstoremesh::run(args).await,
+        Command::Observe(args) => strait::cli::observe::run(args).await,
+        Command::Bpf(args) => strait::cli::bpf::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -49,6 +49,16 @@ pub struct ObjectLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
 /// Every metric strait exports. Cheap to clone (families are reference-counted).
 #[derive(Clone)]
 pub struct Metrics {
@@ -60,6 +70,9 @@ pub struct Metrics {
     pub remote_objects: Family<ObjectLabels, Gauge>,
     pub remote_failures: Family<ClusterLabels, Counter>,
     pub remote_last_failure: Family<ClusterLabels, Gauge>,
+    pub datapath_drops: Family<ReasonLabels, Gauge>,
+    pub datapath_map_errors: Family<MapLabels, Counter>,
+    pub datapath_map_entries: Family<MapLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -74,6 +87,8 @@ impl Metrics {
         let (remote_connected, remote_ready, remote_objects) =
             (Family::default(), Family::default(), Family::default());
         let (remote_failures, remote_last_failure) = (Family::default(), Family::default());
+        let (datapath_drops, datapath_map_errors, datapath_map_entries) =
+            (Family::default(), Family::default(), Family::default());
         let mut registry = Registry::with_prefix("strait");
         registry.register(
             "kvstore_rejected",
@@ -110,6 +125,22 @@ impl Metrics {
             "Unix time of the last connection failure per remote cluster",
             remote_last_failure.clone(),
         );
+        registry.register(
+            "datapath_drops",
+            "packets and connections the datapath dropped, by reason (kernel per-CPU counters, \
+             summed; they only grow while the pinned maps live)",
+            datapath_drops.clone(),
+        );
+        registry.register(
+            "datapath_map_errors",
+            "datapath map updates that failed (a full map among them), by map",
+            datapath_map_errors.clone(),
+        );
+        registry.register(
+            "datapath_map_entries",
+            "entries the agent has programmed, by map",
+            datapath_map_entries.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             kvstore_rejected,
@@ -119,6 +150,9 @@ impl Metrics {
             remote_objects,
             remote_failures,
             remote_last_failure,
+            datapath_drops,
+            datapath_map_errors,
+            datapath_map_entries,
         }
     }
 

@@ -16,6 +16,9 @@ pub struct AgentStatus {
     /// WireGuard device and peers; `None` when encryption is off or not started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<DeviceStatus>,
+    /// The eBPF datapath; `None` when it is not enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<crate::datapath::DatapathStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -109,6 +112,21 @@ impl AgentStatus {
             );
             if let Some(error) = &r.error {
                 let _ = writeln!(out, "   └  error: {error}");
+            }
+        }
+        match &self.datapath {
+            None => {
+                let _ = writeln!(out, "Datapath:      disabled");
+            }
+            Some(d) => {
+                let _ = writeln!(
+                    out,
+                    "Datapath:      eBPF [pins {}, socket LB on {}]: {} service frontends, {} backends, {} ipcache entries, {} endpoints",
+                    d.pin_dir, d.cgroup, d.services, d.backends, d.ipcache_entries, d.endpoints
+                );
+                for e in &d.errors {
+                    let _ = writeln!(out, "   └  error: {e}");
+                }
             }
         }
         match &self.encryption {

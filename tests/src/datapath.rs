@@ -219,3 +219,141 @@ pub fn frame(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Vec<u8> {
     }
     f
 }
+
+/// A TCP echo server on `addr` (inside the namespace of the calling thread); stops on drop.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Must run inside the server's namespace.
+    pub fn start(addr: SocketAddrV4) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let listener = TcpListener::bind(addr).expect("binding the echo server");
+        listener.set_nonblocking(true).unwrap();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut conns = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((s, _)) = listener.accept() {
+                        let _ = s.set_nonblocking(false);
+                        let stop = stop.clone();
+                        conns.push(std::thread::spawn(move || echo(s, &stop)));
+                    } else {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+                for c in conns {
+                    let _ = c.join();
+                }
+            })
+        };
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+fn echo(mut s: std::net::TcpStream, stop: &AtomicBool) {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut buf = [0u8; 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A node namespace with pods: each pod is a namespace with `eth0` (a /32 address, default
+/// route on the link) whose peer `h<name>` sits in the node; the node routes each pod's /32
+/// to its veth and answers ARP for the pods (proxy ARP), as a CNI would set it up. Nothing
+/// routes out of the node namespace.
+pub struct PodNode {
+    pub node: Netns,
+    pub pods: Vec<Pod>,
+}
+
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    /// Host-side interface name, in the node namespace.
+    pub host_iface: String,
+}
+
+impl PodNode {
+    pub fn new(pod_ips: &[Ipv4Addr]) -> Self {
+        let node = Netns::new();
+        node.sysctl("net/ipv4/ip_forward", "1");
+        let mut pods = Vec::new();
+        for ip_addr in pod_ips {
+            let ns = Netns::new();
+            ns.sysctl("net/ipv6/conf/all/disable_ipv6", "1");
+            let host_iface = crate::unique_name("h");
+            ip(&[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &host_iface,
+                "netns",
+                node.name(),
+            ]);
+            ip(&[
+                "-n",
+                ns.name(),
+                "addr",
+                "add",
+                &format!("{ip_addr}/32"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", ns.name(), "link", "set", "eth0", "up"]);
+            ip(&["-n", ns.name(), "route", "add", "default", "dev", "eth0"]);
+            ip(&["-n", node.name(), "link", "set", &host_iface, "up"]);
+            ip(&[
+                "-n",
+                node.name(),
+                "route",
+                "add",
+                &format!("{ip_addr}/32"),
+                "dev",
+                &host_iface,
+            ]);
+            node.sysctl(&format!("net/ipv4/conf/{host_iface}/proxy_arp"), "1");
+            pods.push(Pod {
+                ns,
+                ip: *ip_addr,
+                host_iface,
+            });
+        }
+        Self { node, pods }
+    }
+}

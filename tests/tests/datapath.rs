@@ -491,3 +491,187 @@ fn socket_lb_udp_replies_come_from_the_vip() {
     let hits = backends_of(&probe(cgroup.path(), topo.client.name(), vip(), 30, true));
     assert_eq!(hits.len(), 2, "{hits:?}");
 }
+
+/// Pods on one node, the db pod selected by an ingress policy: the allowed client connects,
+/// the other is dropped and the drop shows in `strait observe`'s stream with both
+/// identities; then the agent "restarts" (datapath dropped and loaded again from its pins)
+/// while a connection is open: it survives, and policy keeps applying.
+#[test]
+fn pods_policy_observe_and_restart_from_pins() {
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpStream,
+        time::Duration,
+    };
+    use strait::datapath::{
+        PinDir,
+        flows::{self, FlowHub},
+    };
+    use strait_tests::datapath::{EchoServer, PodNode};
+
+    require_privileges();
+    let ips: Vec<Ipv4Addr> = ["10.9.0.5", "10.9.0.6", "10.9.0.7"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let node = PodNode::new(&ips);
+    let (front, other, db) = (&node.pods[0], &node.pods[1], &node.pods[2]);
+    let _server = db.ns.run(|| EchoServer::start(sa("10.9.0.7:5432")));
+    let pin_root =
+        std::path::PathBuf::from("/sys/fs/bpf").join(strait_tests::unique_name("strait-test-"));
+    let pins = PinDir::new(&pin_root);
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(pin_root.clone());
+
+    let mut policy = EndpointPolicy {
+        ingress_enforced: true,
+        ..Default::default()
+    };
+    policy
+        .entries
+        .insert(entry(1000, Direction::Ingress, 6, 5432, false));
+    let ipcache: BTreeMap<Ipv4Net, IpcacheValue> = [
+        ("10.9.0.5/32", ipc(1000, 1)),
+        ("10.9.0.6/32", ipc(2000, 1)),
+        ("10.9.0.7/32", ipc(3000, 1)),
+    ]
+    .iter()
+    .map(|(p, v)| (p.parse().unwrap(), *v))
+    .collect();
+
+    // The agent's part: load from pins, program ipcache and the db endpoint, attach to
+    // every pod's host-side veth (in the node namespace).
+    let start_agent = || {
+        let sizes = MapSizes::default();
+        let _in_node = strait::netns::NetnsGuard::enter(node.node.name()).unwrap();
+        let mut dp = Datapath::load(Some(pins.clone()), &sizes).expect("loading the datapath");
+        let mut ipc =
+            IpcacheWriter::new(dp.take_map(names::MAP_IPCACHE).unwrap(), sizes.ipcache).unwrap();
+        assert!(ipc.sync(&ipcache, true).failed.is_empty());
+        let mut pw = PolicyWriter::new(
+            dp.take_map(names::MAP_ENDPOINTS).unwrap(),
+            dp.take_map(names::MAP_POLICY).unwrap(),
+            sizes.endpoints,
+            sizes.policy,
+        )
+        .unwrap();
+        for pod in &node.pods {
+            dp.attach_endpoint(&pod.host_iface).unwrap();
+        }
+        let ifindex = strait::datapath::loader::ifindex(&db.host_iface).unwrap();
+        pw.set_endpoint(&EndpointSpec {
+            ifindex,
+            address: db.ip,
+            identity: 3000,
+            policy: policy.clone(),
+        })
+        .unwrap();
+        dp.remove_stale_versions();
+        (dp, pw)
+    };
+    let connect = |pod: &strait_tests::datapath::Pod| {
+        pod.ns.run(|| {
+            let s = TcpStream::connect_timeout(
+                &"10.9.0.7:5432".parse().unwrap(),
+                Duration::from_millis(700),
+            )?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            Ok::<_, std::io::Error>(s)
+        })
+    };
+    let roundtrip = |s: &mut TcpStream, what: &str| {
+        s.write_all(what.as_bytes()).unwrap();
+        let mut buf = vec![0u8; what.len()];
+        s.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(buf, what.as_bytes());
+    };
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut dp, pw) = start_agent();
+    let hub = FlowHub::new(64);
+    let reader = rt.spawn(flows::read_events(
+        dp.take_map(names::MAP_FLOW_EVENTS).unwrap(),
+        hub.clone(),
+        std::sync::Arc::new(|id| match id {
+            1000 => (Some("usa".into()), vec!["k8s:app=frontend".into()]),
+            2000 => (Some("usa".into()), vec!["k8s:app=other".into()]),
+            3000 => (Some("usa".into()), vec!["k8s:app=db".into()]),
+            _ => (None, vec![]),
+        }),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("strait.sock");
+    let status: strait::api::StatusFn =
+        std::sync::Arc::new(|| panic!("status is not asked for in this test"));
+    let server = rt.spawn({
+        let (socket, hub) = (socket.clone(), hub.clone());
+        async move { strait::api::serve(&socket, status, Some(hub)).await }
+    });
+
+    let mut long_lived = connect(front).expect("the allowed client connects");
+    roundtrip(&mut long_lived, "hello");
+    assert!(
+        connect(other).is_err(),
+        "a pod with other labels is dropped"
+    );
+
+    // `strait observe`: the drop, with both identities, their labels, and the reason.
+    let mut observed = Vec::new();
+    for _ in 0..50 {
+        observed.clear();
+        while !socket.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        rt.block_on(strait::api::observe(&socket, 20, false, |f| {
+            observed.push(f)
+        }))
+        .unwrap();
+        if !observed.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dropped = observed
+        .iter()
+        .find(|f| f.source.address.ip() == &other.ip)
+        .unwrap_or_else(|| panic!("no drop from the other pod in {observed:?}"));
+    assert_eq!(
+        (dropped.source.identity, dropped.destination.identity),
+        (2000, 3000)
+    );
+    assert_eq!(dropped.verdict, "DROPPED");
+    let line = dropped.to_string();
+    assert!(
+        line.contains("10.9.0.6")
+            && line.contains("ID:2000 usa k8s:app=other")
+            && line.contains("ID:3000 usa k8s:app=db")
+            && line.contains("DROPPED (policy denied)"),
+        "{line}"
+    );
+
+    // Restart: the agent's datapath objects go away; the pinned maps and links stay.
+    reader.abort();
+    drop(pw);
+    drop(dp);
+    roundtrip(&mut long_lived, "while the agent is down");
+    assert!(
+        connect(other).is_err(),
+        "policy still enforced while the agent is down"
+    );
+    let (dp2, _pw2) = start_agent();
+    roundtrip(&mut long_lived, "after the restart");
+    let mut again = connect(front).expect("new connections keep working after the restart");
+    roundtrip(&mut again, "new");
+    assert!(
+        connect(other).is_err(),
+        "policy still enforced after the restart"
+    );
+    server.abort();
+    drop(dp2);
+}

@@ -10,7 +10,10 @@ use hyper_util::rt::TokioIo;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, transport::Endpoint};
 
-use crate::status::AgentStatus;
+use crate::{
+    datapath::flows::{FlowHub, FlowRecord},
+    status::AgentStatus,
+};
 
 pub mod pb {
     tonic::include_proto!("strait.v1");
@@ -49,6 +52,16 @@ pub type StatusFn = Arc<dyn Fn() -> AgentStatus + Send + Sync>;
 
 struct Service {
     status: StatusFn,
+    flows: Option<FlowHub>,
+}
+
+type FlowStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Flow, tonic::Status>> + Send>>;
+
+fn to_pb(record: &FlowRecord) -> Result<pb::Flow, tonic::Status> {
+    serde_json::to_string(record)
+        .map(|flow_json| pb::Flow { flow_json })
+        .map_err(|e| tonic::Status::internal(e.to_string()))
 }
 
 #[tonic::async_trait]
@@ -66,11 +79,40 @@ impl pb::agent_server::Agent for Service {
             serde_json::to_string(&doc).map_err(|e| tonic::Status::internal(e.to_string()))?;
         Ok(Response::new(pb::StatusResponse { status_json: json }))
     }
+
+    type ObserveStream = FlowStream;
+
+    async fn observe(
+        &self,
+        request: Request<pb::ObserveRequest>,
+    ) -> Result<Response<FlowStream>, tonic::Status> {
+        let req = request.into_inner();
+        let Some(hub) = &self.flows else {
+            return Err(tonic::Status::failed_precondition(
+                "the datapath is not enabled on this agent (no `datapath:` section in its config)",
+            ));
+        };
+        // Subscribe before reading the backlog so nothing falls between the two.
+        let live = hub.subscribe();
+        let backlog: Vec<Result<pb::Flow, tonic::Status>> =
+            hub.last(req.last as usize).iter().map(to_pb).collect();
+        let backlog = tokio_stream::iter(backlog);
+        if !req.follow {
+            return Ok(Response::new(Box::pin(backlog)));
+        }
+        use tokio_stream::StreamExt as _;
+        let live = tokio_stream::wrappers::BroadcastStream::new(live).filter_map(|r| match r {
+            Ok(record) => Some(to_pb(&record)),
+            // A slow reader skips what it missed rather than ending the stream.
+            Err(_) => None,
+        });
+        Ok(Response::new(Box::pin(backlog.chain(live))))
+    }
 }
 
 /// Serves the API on `path` until the future is dropped. A stale socket file from an earlier
 /// run is replaced.
-pub async fn serve(path: &Path, status: StatusFn) -> Result<(), ApiError> {
+pub async fn serve(path: &Path, status: StatusFn, flows: Option<FlowHub>) -> Result<(), ApiError> {
     let listen_err = |source| ApiError::Listen {
         path: path.into(),
         source,
@@ -86,7 +128,10 @@ pub async fn serve(path: &Path, status: StatusFn) -> Result<(), ApiError> {
     let listener = tokio::net::UnixListener::bind(path).map_err(listen_err)?;
     tracing::info!(socket = %path.display(), "serving the agent API");
     tonic::transport::Server::builder()
-        .add_service(pb::agent_server::AgentServer::new(Service { status }))
+        .add_service(pb::agent_server::AgentServer::new(Service {
+            status,
+            flows,
+        }))
         .serve_with_incoming(UnixListenerStream::new(listener))
         .await
         .map_err(|source| ApiError::Serve {
@@ -95,8 +140,10 @@ pub async fn serve(path: &Path, status: StatusFn) -> Result<(), ApiError> {
         })
 }
 
-/// Asks the agent on `path` for its status.
-pub async fn fetch_status(path: &Path) -> Result<AgentStatus, ApiError> {
+/// Connects to the agent API on `path`.
+async fn client(
+    path: &Path,
+) -> Result<pb::agent_client::AgentClient<tonic::transport::Channel>, ApiError> {
     let socket = path.to_path_buf();
     let connect_err = |reason: String| ApiError::Connect {
         path: path.into(),
@@ -121,7 +168,13 @@ pub async fn fetch_status(path: &Path) -> Result<AgentStatus, ApiError> {
                     .unwrap_or_default()
             ))
         })?;
-    let response = pb::agent_client::AgentClient::new(channel)
+    Ok(pb::agent_client::AgentClient::new(channel))
+}
+
+/// Asks the agent on `path` for its status.
+pub async fn fetch_status(path: &Path) -> Result<AgentStatus, ApiError> {
+    let response = client(path)
+        .await?
         .status(pb::StatusRequest {})
         .await
         .map_err(|source| ApiError::Call {
@@ -132,4 +185,32 @@ pub async fn fetch_status(path: &Path) -> Result<AgentStatus, ApiError> {
         path: path.into(),
         source,
     })
+}
+
+/// Streams flows from the agent on `path`: the last `last`, then new ones with `follow`.
+/// `each` gets every flow in order; the call returns when the stream ends.
+pub async fn observe(
+    path: &Path,
+    last: u32,
+    follow: bool,
+    mut each: impl FnMut(FlowRecord),
+) -> Result<(), ApiError> {
+    let call_err = |source| ApiError::Call {
+        path: path.into(),
+        source,
+    };
+    let mut stream = client(path)
+        .await?
+        .observe(pb::ObserveRequest { last, follow })
+        .await
+        .map_err(call_err)?
+        .into_inner();
+    while let Some(flow) = stream.message().await.map_err(call_err)? {
+        let record = serde_json::from_str(&flow.flow_json).map_err(|source| ApiError::Decode {
+            path: path.into(),
+            source,
+        })?;
+        each(record);
+    }
+    Ok(())
 }

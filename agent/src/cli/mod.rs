@@ -1,8 +1,10 @@
 //! Command-line interface of the `strait` binary.
 
 pub mod agent;
+pub mod bpf;
 pub mod count;
 pub mod kvstoremesh;
+pub mod observe;
 pub mod signals;
 pub mod status;
 
@@ -34,4 +36,12 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Mirror remote clusters into this cluster's etcd (KVStoreMesh-compatible cache).
     Kvstoremesh(kvstoremesh::KvstoremeshArgs),
+    /// Show the datapath's flow events (drops with both identities and the reason), like
+    /// `hubble observe`: the last --last flows, then new ones with --follow.
+    Observe(observe::ObserveArgs),
+    /// Inspect the datapath's eBPF maps (read from their bpffs pins).
+    ///
+    /// `strait bpf lb list`, `strait bpf ipcache list`, `strait bpf policy list [ENDPOINT]`,
+    /// `strait bpf ct list`; add --json for scripts.
+    Bpf(bpf::BpfArgs),
 }

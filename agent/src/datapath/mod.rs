@@ -7,10 +7,12 @@ pub mod lb;
 pub mod loader;
 pub mod pins;
 pub mod policy;
+pub mod reconciler;
 
 pub use counter::{CounterRow, CounterSnapshot, PacketCounterProgram};
 pub use loader::{Datapath, MapSizes};
 pub use pins::PinDir;
+pub use reconciler::{DatapathAgent, DatapathStatus};
 
 /// The eBPF object, built from `agent-ebpf/` by build.rs and embedded with 8-byte alignment
 /// (the ELF parser reads it in place).

@@ -1,0 +1,284 @@
+//! The agent side of the datapath: loads and attaches it, then keeps its maps equal to the
+//! state model (services → lb4 maps, endpoints → ipcache), reads flow events and exports
+//! drop counters. It is the only writer of those maps.
+
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use strait_common::{flow::CONFIG_FLAG_TRACE_ALLOWED, names};
+use tokio::sync::watch;
+
+use super::{
+    Datapath, DatapathError, PinDir,
+    flows::{self, FlowHub, IdentityLookup},
+    ipcache::{self, IpcacheWriter},
+    lb::{self, LbWriter},
+    policy::{CtGc, PolicyWriter},
+};
+use crate::{
+    config::DatapathSection,
+    metrics::{MapLabels, Metrics, ReasonLabels},
+    state::StateHandle,
+    task::AbortOnDrop,
+};
+
+/// Idle times after which conntrack entries are collected (Cilium's defaults: 6 h for
+/// established TCP, 1 min for the rest).
+const CT_TCP_IDLE: Duration = Duration::from_secs(6 * 3600);
+const CT_OTHER_IDLE: Duration = Duration::from_secs(60);
+const CT_GC_INTERVAL: Duration = Duration::from_secs(30);
+const COUNTERS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The cgroup v2 mount point, from /proc/mounts (never assumed: hybrid hosts mount it under
+/// `/sys/fs/cgroup/unified`, Talos at `/sys/fs/cgroup`).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+/// What `strait status` shows about the datapath.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathStatus {
+    pub pin_dir: String,
+    pub cgroup: String,
+    pub services: usize,
+    pub backends: usize,
+    pub ipcache_entries: usize,
+    pub endpoints: usize,
+    /// Frontends or prefixes that could not be programmed, with why.
+    pub errors: Vec<String>,
+}
+
+pub struct DatapathAgent {
+    status: Arc<Mutex<DatapathStatus>>,
+    flows: FlowHub,
+    /// Shared with the local endpoint manager (pods on this node).
+    pub policy: Arc<Mutex<PolicyWriter>>,
+    datapath: Arc<Mutex<Datapath>>,
+    _tasks: Vec<AbortOnDrop>,
+}
+
+impl DatapathAgent {
+    /// Loads (reusing pinned maps), attaches the socket LB, and starts the reconcilers.
+    /// `synced` turns true once every source has listed: only then is stale state removed.
+    pub fn start(
+        config: &DatapathSection,
+        state: StateHandle,
+        synced: watch::Receiver<bool>,
+        metrics: Metrics,
+        lookup: IdentityLookup,
+    ) -> Result<Self, DatapathError> {
+        let cgroup = match &config.cgroup {
+            Some(c) => c.clone(),
+            None => cgroup2_root().ok_or_else(|| {
+                DatapathError::Config("no cgroup v2 mount in /proc/mounts".into())
+            })?,
+        };
+        let sizes = config.map_sizes;
+        let pins = PinDir::new(&config.pin_root);
+        let mut dp = Datapath::load(Some(pins.clone()), &sizes)?;
+        dp.set_config_flags(if config.trace_allowed {
+            CONFIG_FLAG_TRACE_ALLOWED
+        } else {
+            0
+        })?;
+        let lb = LbWriter::new(
+            dp.take_map(names::MAP_LB4_SERVICES)?,
+            dp.take_map(names::MAP_LB4_BACKENDS)?,
+            dp.take_map(names::MAP_LB4_REVNAT)?,
+            sizes,
+        )?;
+        let ipc = IpcacheWriter::new(dp.take_map(names::MAP_IPCACHE)?, sizes.ipcache)?;
+        let policy = PolicyWriter::new(
+            dp.take_map(names::MAP_ENDPOINTS)?,
+            dp.take_map(names::MAP_POLICY)?,
+            sizes.endpoints,
+            sizes.policy,
+        )?;
+        let ct = CtGc::new(dp.take_map(names::MAP_CT)?)?;
+        let ring = dp.take_map(names::MAP_FLOW_EVENTS)?;
+        let drops = dp.take_map(names::MAP_DROP_COUNTERS)?;
+
+        dp.attach_socket_lb(&cgroup)?;
+        dp.remove_stale_versions();
+        tracing::info!(pins = %pins.dir().display(), "datapath loaded");
+
+        let status = Arc::new(Mutex::new(DatapathStatus {
+            pin_dir: pins.dir().display().to_string(),
+            cgroup: cgroup.display().to_string(),
+            ..Default::default()
+        }));
+        let flows = FlowHub::new(4096);
+        let mut tasks = Vec::new();
+        tasks.push(AbortOnDrop(tokio::spawn(reconcile(
+            state,
+            synced,
+            lb,
+            ipc,
+            metrics.clone(),
+            status.clone(),
+        ))));
+        tasks.push(AbortOnDrop(tokio::spawn({
+            let hub = flows.clone();
+            async move {
+                if let Err(e) = flows::read_events(ring, hub, lookup).await {
+                    tracing::error!(error = %e, "flow event reader stopped");
+                }
+            }
+        })));
+        tasks.push(AbortOnDrop(tokio::spawn(housekeeping(ct, drops, metrics))));
+        Ok(Self {
+            status,
+            flows,
+            policy: Arc::new(Mutex::new(policy)),
+            datapath: Arc::new(Mutex::new(dp)),
+            _tasks: tasks,
+        })
+    }
+
+    pub fn status(&self) -> DatapathStatus {
+        let mut s = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        s.endpoints = self
+            .policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .endpoints()
+            .count();
+        s
+    }
+
+    pub fn flows(&self) -> FlowHub {
+        self.flows.clone()
+    }
+
+    /// The loaded datapath (to attach policy programs to pods' interfaces).
+    pub fn datapath(&self) -> Arc<Mutex<Datapath>> {
+        self.datapath.clone()
+    }
+}
+
+async fn reconcile(
+    state: StateHandle,
+    mut synced: watch::Receiver<bool>,
+    mut lb: LbWriter,
+    mut ipc: IpcacheWriter,
+    metrics: Metrics,
+    status: Arc<Mutex<DatapathStatus>>,
+) {
+    let mut versions = state.subscribe();
+    let mut reported: HashSet<String> = HashSet::new();
+    let mut last = None;
+    let mut last_synced = false;
+    loop {
+        let v = *versions.borrow_and_update();
+        let is_synced = *synced.borrow_and_update();
+        let changed = last.is_none_or(|l: crate::state::Versions| {
+            l.services != v.services || l.endpoints != v.endpoints || l.nodes != v.nodes
+        });
+        if changed || is_synced != last_synced {
+            let (desired_lb, desired_ipc) = {
+                let model = state.read();
+                (
+                    lb::desired(&model.service_views()).0,
+                    ipcache::desired(&model),
+                )
+            };
+            let started = std::time::Instant::now();
+            let lr = lb.sync(&desired_lb, is_synced);
+            let ir = ipc.sync(&desired_ipc, is_synced);
+            tracing::debug!(
+                services = lr.services,
+                lb_writes = lr.writes,
+                ipcache_writes = ir.writes,
+                elapsed = ?started.elapsed(),
+                "datapath maps synced"
+            );
+            let mut errors = Vec::new();
+            for (f, e) in &lr.failed {
+                let line = format!("service {}:{}/{}: {e}", f.address, f.port, f.proto);
+                if reported.insert(line.clone()) {
+                    tracing::error!("{line}");
+                    metrics
+                        .datapath_map_errors
+                        .get_or_create(&MapLabels {
+                            map: names::MAP_LB4_SERVICES.into(),
+                        })
+                        .inc();
+                }
+                errors.push(line);
+            }
+            for (p, e) in &ir.failed {
+                let line = format!("ipcache {p}: {e}");
+                if reported.insert(line.clone()) {
+                    tracing::error!("{line}");
+                    metrics
+                        .datapath_map_errors
+                        .get_or_create(&MapLabels {
+                            map: names::MAP_IPCACHE.into(),
+                        })
+                        .inc();
+                }
+                errors.push(line);
+            }
+            for (map, n) in [
+                (names::MAP_LB4_SERVICES, lr.services),
+                (names::MAP_LB4_BACKENDS, lr.backends),
+                (names::MAP_IPCACHE, ir.entries),
+            ] {
+                metrics
+                    .datapath_map_entries
+                    .get_or_create(&MapLabels { map: map.into() })
+                    .set(n as i64);
+            }
+            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            s.services = lr.services;
+            s.backends = lr.backends;
+            s.ipcache_entries = ir.entries;
+            s.errors = errors;
+            last = Some(v);
+            last_synced = is_synced;
+        }
+        tokio::select! {
+            r = versions.changed() => if r.is_err() { return },
+            r = synced.changed(), if !last_synced => if r.is_err() { return },
+        }
+    }
+}
+
+async fn housekeeping(mut ct: CtGc, drops: aya::maps::Map, metrics: Metrics) {
+    let mut gc = tokio::time::interval(CT_GC_INTERVAL);
+    let mut counters = tokio::time::interval(COUNTERS_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = gc.tick() => {
+                let n = ct.collect(CT_TCP_IDLE, CT_OTHER_IDLE);
+                if n > 0 {
+                    tracing::debug!(entries = n, "conntrack entries collected");
+                }
+            }
+            _ = counters.tick() => {
+                if let Ok(counts) = flows::drop_counts(&drops) {
+                    for (reason, n) in counts {
+                        metrics
+                            .datapath_drops
+                            .get_or_create(&ReasonLabels { reason: reason.as_str().into() })
+                            .set(n as i64);
+                    }
+                }
+            }
+        }
+    }
+}

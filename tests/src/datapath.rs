@@ -348,6 +348,8 @@ impl PodNode {
                 &host_iface,
             ]);
             node.sysctl(&format!("net/ipv4/conf/{host_iface}/proxy_arp"), "1");
+            // Proxy ARP answers after a random delay of up to 0.8 s by default.
+            node.sysctl(&format!("net/ipv4/neigh/{host_iface}/proxy_delay"), "0");
             pods.push(Pod {
                 ns,
                 ip: *ip_addr,

@@ -36,6 +36,26 @@ pub fn policy_to_pod(ctx: TcContext) -> i32 {
     policy(&ctx, DIR_INGRESS)
 }
 
+/// Headers the policy reads: Ethernet, IPv4 with options, the first 8 bytes of L4.
+const MAX_HEADERS: usize = ETH_HDR_LEN + 60 + 8;
+
+/// Bounds-checked pointer into the linear packet data (direct packet access: no helper call
+/// per field, which is what keeps the per-packet cost low).
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
+    // SAFETY: bounds checked against data_end; unaligned reads are fine for packet data.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
+}
+
 #[inline(always)]
 fn policy(ctx: &TcContext, direction: u8) -> i32 {
     // SAFETY: the skb pointer is valid for the whole program run.
@@ -52,9 +72,13 @@ fn policy(ctx: &TcContext, direction: u8) -> i32 {
             EP_FLAG_EGRESS_ENFORCED
         }
         != 0;
-    let ethertype = match ctx.load::<u16>(ETH_HDR_LEN - 2) {
+    // Headers outside the linear area (rare for veth traffic): make them linear once.
+    if ctx.data() + MAX_HEADERS > ctx.data_end() {
+        let _ = ctx.pull_data(ctx.len().min(MAX_HEADERS as u32));
+    }
+    let ethertype = match read::<u16>(ctx, ETH_HDR_LEN - 2) {
         Ok(t) => u16::from_be(t),
-        Err(_) => return TC_ACT_OK,
+        Err(()) => return TC_ACT_OK,
     };
     if ethertype == ETH_P_IPV6 && enforced {
         // The policy model is IPv4 only: an enforced direction never lets IPv6 through.
@@ -81,26 +105,25 @@ fn check_ipv4(
     enforced: bool,
 ) -> Result<i32, ()> {
     let ip = ETH_HDR_LEN;
-    let vihl = ctx.load::<u8>(ip).map_err(|_| ())?;
+    let vihl = read::<u8>(ctx, ip)?;
     let ihl = usize::from(vihl & 0x0f) * 4;
     if ihl < 20 {
         return Err(());
     }
-    let frag = u16::from_be(ctx.load::<u16>(ip + 6).map_err(|_| ())?);
-    let proto = ctx.load::<u8>(ip + 9).map_err(|_| ())?;
-    let saddr = ctx.load::<u32>(ip + 12).map_err(|_| ())?;
-    let daddr = ctx.load::<u32>(ip + 16).map_err(|_| ())?;
+    let frag = u16::from_be(read::<u16>(ctx, ip + 6)?);
+    let proto = read::<u8>(ctx, ip + 9)?;
+    let saddr = read::<u32>(ctx, ip + 12)?;
+    let daddr = read::<u32>(ctx, ip + 16)?;
     let l4 = ip + ihl;
     let first_fragment = frag & IPV4_FRAG_OFFSET_MASK == 0;
     let (sport, dport) = match proto {
-        IPPROTO_TCP | IPPROTO_UDP if first_fragment => (
-            ctx.load::<u16>(l4).map_err(|_| ())?,
-            ctx.load::<u16>(l4 + 2).map_err(|_| ())?,
-        ),
+        IPPROTO_TCP | IPPROTO_UDP if first_fragment => {
+            (read::<u16>(ctx, l4)?, read::<u16>(ctx, l4 + 2)?)
+        }
         IPPROTO_ICMP if first_fragment => {
             // Echo id in both slots: the reply carries the same id, so the swapped key of
             // the reply finds the request's entry.
-            let id = ctx.load::<u16>(l4 + 4).map_err(|_| ())?;
+            let id = read::<u16>(ctx, l4 + 4)?;
             (id, id)
         }
         _ => (0, 0),

@@ -75,33 +75,31 @@ impl Default for LbTopology {
 /// TCP + UDP responders on one address; they answer with the address and stop on drop.
 struct BackendServer {
     stop: Arc<AtomicBool>,
+    /// Listener fd, shut down on drop to wake the blocking accept (without sending anything).
+    listener_fd: std::os::fd::RawFd,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl BackendServer {
     /// Must run inside the server namespace (sockets belong to the creating thread's netns).
     fn start(addr: SocketAddrV4) -> Self {
+        use std::os::fd::AsRawFd as _;
         let stop = Arc::new(AtomicBool::new(false));
+        // Blocking accept: a polling loop would cap the connection rate the benchmark sees.
         let tcp = TcpListener::bind(addr).expect("binding a backend TCP listener");
-        tcp.set_nonblocking(true).unwrap();
+        let listener_fd = tcp.as_raw_fd();
         let udp = UdpSocket::bind(addr).expect("binding a backend UDP socket");
         udp.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
         let answer = addr.to_string();
         let t = {
-            let (stop, answer) = (stop.clone(), answer.clone());
+            let answer = answer.clone();
             std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match tcp.accept() {
-                        Ok((mut s, _)) => {
-                            let _ = s.set_nonblocking(false);
-                            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                            let mut buf = [0u8; 3];
-                            let _ = s.read_exact(&mut buf);
-                            let _ = s.write_all(answer.as_bytes());
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                    }
+                while let Ok((mut s, _)) = tcp.accept() {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut buf = [0u8; 3];
+                    let _ = s.read_exact(&mut buf);
+                    let _ = s.write_all(answer.as_bytes());
                 }
             })
         };
@@ -118,6 +116,7 @@ impl BackendServer {
         };
         Self {
             stop,
+            listener_fd,
             threads: vec![t, u],
         }
     }
@@ -126,6 +125,9 @@ impl BackendServer {
 impl Drop for BackendServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // SAFETY: the fd is the listener owned by the accept thread, alive until it returns;
+        // shutdown makes the blocked accept fail so the thread ends.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

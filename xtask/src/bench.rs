@@ -14,6 +14,11 @@ const BENCHES: &[(&str, &str, &str)] = &[
         "bench_wireguard",
         "reconcile 1,000 remote peers into an empty WireGuard device, then one change, then a no-op resync; then iperf3 pod->pod TCP throughput through WireGuard (wireguard-go) vs the same path in clear, alternating, with the ratio (`-- --help` for --peers, --rounds, --seconds, --underlay-mtu)",
     ),
+    (
+        "datapath",
+        "bench_datapath",
+        "policy program ns/packet via BPF_PROG_TEST_RUN with 1k vs 100k ipcache entries and 10k policy entries; connections/s to a VIP through the socket load balancer vs a kube-proxy-style iptables ruleset at 10 and 10,000 services, alternating (`-- --help` for --repeat, --rounds, --connections, --services)",
+    ),
 ];
 
 pub fn run(env: &Env, name: &str, args: &[String]) -> anyhow::Result<()> {
@@ -28,6 +33,8 @@ pub fn run(env: &Env, name: &str, args: &[String]) -> anyhow::Result<()> {
         );
     };
     cmd::step(&format!("bench {name}: {what}"));
+    // Every helper binary (e.g. sockprobe) next to the benchmark, not only the one run.
+    cmd::run(env.cargo().args(["build", "--release", "-p", "strait-tests", "--bins"]))?;
     cmd::run(
         env.cargo()
             .args(["run", "--release", "-p", "strait-tests", "--bin", bin, "--"])

@@ -28,6 +28,9 @@ struct Args {
     /// UDP (unconnected sendto/recvfrom) instead of TCP.
     #[arg(long)]
     udp: bool,
+    /// Print one line at the end instead: `SUMMARY <ok> <errors> <elapsed µs>`.
+    #[arg(long)]
+    summary: bool,
 }
 
 fn errno_name(e: &std::io::Error) -> String {
@@ -50,6 +53,7 @@ fn main() -> anyhow::Result<()> {
     let _ns = strait::netns::NetnsGuard::enter(&args.netns)?;
     let timeout = Duration::from_secs(2);
     let mut out = std::io::stdout().lock();
+    let (mut ok, mut failed, began) = (0u32, 0u32, Instant::now());
     for _ in 0..args.count {
         let start = Instant::now();
         let result = if args.udp {
@@ -72,6 +76,8 @@ fn main() -> anyhow::Result<()> {
             })()
         };
         match result {
+            Ok(_) if args.summary => ok += 1,
+            Err(_) if args.summary => failed += 1,
             Ok((reply, peer)) => writeln!(out, "OK {reply} {peer}")?,
             Err(e) => writeln!(
                 out,
@@ -80,6 +86,9 @@ fn main() -> anyhow::Result<()> {
                 start.elapsed().as_millis()
             )?,
         }
+    }
+    if args.summary {
+        writeln!(out, "SUMMARY {ok} {failed} {}", began.elapsed().as_micros())?;
     }
     Ok(())
 }

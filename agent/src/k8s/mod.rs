@@ -9,6 +9,9 @@ pub mod manifests;
 pub mod objects;
 pub mod services;
 
+#[cfg(test)]
+mod replay_tests;
+
 use std::time::Duration;
 
 pub use api::ApiSource;

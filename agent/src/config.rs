@@ -52,6 +52,10 @@ pub struct AgentConfig {
     /// the agent only syncs state and runs encryption.
     #[serde(default)]
     pub datapath: Option<DatapathSection>,
+    /// Where this cluster's Kubernetes objects come from (`kubernetes: {source: api}` for the
+    /// API server). Absent: the manifests directory if set, else no local source.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSection>,
 }
 
 /// The eBPF datapath.
@@ -74,6 +78,41 @@ pub struct DatapathSection {
 
 fn default_pin_root() -> PathBuf {
     constants::BPFFS_ROOT.into()
+}
+
+/// `kubernetes:` — the local source of Services, EndpointSlices, Pods, Namespaces, this Node
+/// and Cilium policies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesSection {
+    #[serde(default = "default_k8s_source")]
+    pub source: K8sSourceKind,
+    /// API server URL overriding the in-cluster address (`KUBERNETES_SERVICE_HOST`), which is
+    /// a ClusterIP nothing translates before the agent runs without kube-proxy. Talos:
+    /// KubePrism, `https://localhost:7445`; kind: `https://<cluster>-control-plane:6443`.
+    #[serde(default)]
+    pub api_server: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum K8sSourceKind {
+    /// Watch the Kubernetes API server (in-cluster credentials).
+    Api,
+    /// Poll YAML manifests in `manifestsDir`.
+    Manifests,
+}
+
+fn default_k8s_source() -> K8sSourceKind {
+    K8sSourceKind::Api
+}
+
+/// The local source the configuration selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalSourceConfig {
+    None,
+    Manifests(PathBuf),
+    Api { api_server: Option<hyper::Uri> },
 }
 
 /// Transparent encryption between nodes (Cilium's WireGuard mode).
@@ -134,8 +173,10 @@ pub struct NodeConfig {
     #[serde(default)]
     pub name: Option<String>,
     /// The address other nodes reach this one at (WireGuard endpoint).
-    #[serde(rename = "internalIP")]
-    pub internal_ip: std::net::IpAddr,
+    /// May be left out of a ConfigMap shared by all nodes and given per node with
+    /// `--node-ip` / `STRAIT_NODE_IP` (the DaemonSet passes `status.hostIP`).
+    #[serde(default, rename = "internalIP")]
+    pub internal_ip: Option<std::net::IpAddr>,
     #[serde(default, rename = "podCIDRs")]
     pub pod_cidrs: Vec<IpNet>,
 }
@@ -210,12 +251,52 @@ impl AgentConfig {
                 config.cluster.id, config.cluster.max_connected_clusters
             )));
         }
+        config.local_source().map_err(invalid)?;
         Ok(config)
+    }
+
+    /// The local source of Kubernetes objects, checked for contradictions.
+    pub fn local_source(&self) -> Result<LocalSourceConfig, String> {
+        match (&self.kubernetes, &self.manifests_dir) {
+            (None, None) => Ok(LocalSourceConfig::None),
+            (None, Some(dir)) => Ok(LocalSourceConfig::Manifests(dir.clone())),
+            (Some(k), dir) => match (k.source, dir) {
+                (K8sSourceKind::Manifests, Some(dir)) => {
+                    Ok(LocalSourceConfig::Manifests(dir.clone()))
+                }
+                (K8sSourceKind::Manifests, None) => {
+                    Err("kubernetes.source is manifests but manifestsDir is not set".into())
+                }
+                (K8sSourceKind::Api, Some(_)) => Err(
+                    "kubernetes.source is api but manifestsDir is set too: choose one source"
+                        .into(),
+                ),
+                (K8sSourceKind::Api, None) => {
+                    let api_server = match &k.api_server {
+                        None => None,
+                        Some(url) => Some(parse_api_server(url)?),
+                    };
+                    Ok(LocalSourceConfig::Api { api_server })
+                }
+            },
+        }
     }
 
     /// The node name: configured, else the host name.
     pub fn node_name(&self) -> String {
         self.node.name.clone().unwrap_or_else(hostname)
+    }
+}
+
+fn parse_api_server(url: &str) -> Result<hyper::Uri, String> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| format!("kubernetes.apiServer {url:?}: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("https" | "http"), Some(_)) => Ok(uri),
+        _ => Err(format!(
+            "kubernetes.apiServer {url:?}: expected https://host:port (e.g. https://localhost:7445)"
+        )),
     }
 }
 
@@ -251,6 +332,59 @@ kvstoreConfig: /etc/strait/etcd.yaml
         assert_eq!(c.node_name(), "usa-1");
         assert!(c.wireguard.enabled && c.wireguard.strict && !c.wireguard.node_encryption);
         assert_eq!(c.wireguard.device, constants::WIREGUARD_DEVICE);
+    }
+
+    #[test]
+    fn kubernetes_source_selection() {
+        let parse =
+            |extra: &str| AgentConfig::parse(Path::new("t.yaml"), &format!("{MINIMAL}{extra}"));
+        assert_eq!(
+            parse("").unwrap().local_source().unwrap(),
+            LocalSourceConfig::None
+        );
+        assert_eq!(
+            parse("manifestsDir: /m\n").unwrap().local_source().unwrap(),
+            LocalSourceConfig::Manifests("/m".into())
+        );
+        assert_eq!(
+            parse("kubernetes: {}\n").unwrap().local_source().unwrap(),
+            LocalSourceConfig::Api { api_server: None }
+        );
+        let LocalSourceConfig::Api {
+            api_server: Some(url),
+        } = parse("kubernetes: {source: api, apiServer: \"https://localhost:7445\"}\n")
+            .unwrap()
+            .local_source()
+            .unwrap()
+        else {
+            panic!("expected the API source with an override");
+        };
+        assert_eq!(
+            (url.host(), url.port_u16()),
+            (Some("localhost"), Some(7445))
+        );
+        for (bad, why) in [
+            (
+                "kubernetes: {source: manifests}\n",
+                "manifestsDir is not set",
+            ),
+            ("kubernetes: {}\nmanifestsDir: /m\n", "choose one source"),
+            (
+                "kubernetes: {apiServer: localhost:7445}\n",
+                "expected https://",
+            ),
+            ("kubernetes: {source: etcd}\n", "etcd"),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        // internalIP may come from the command line instead.
+        let c = AgentConfig::parse(
+            Path::new("t.yaml"),
+            "cluster: {name: cluster-usa, id: 1}\nnode: {}\nkvstoreConfig: /e.yaml\n",
+        )
+        .unwrap();
+        assert_eq!(c.node.internal_ip, None);
     }
 
     #[test]

@@ -54,6 +54,39 @@ fn identity_lookup(state: &StateHandle) -> IdentityLookup {
     })
 }
 
+/// This node's pod CIDRs as Kubernetes allocated them (`spec.podCIDRs` of its Node), for
+/// configs that leave `node.podCIDRs` out. Waits a bounded time for the Node object.
+async fn node_pod_cidrs_from(
+    source: &crate::k8s::LocalSource,
+    node_name: &str,
+) -> Vec<ipnet::IpNet> {
+    const WAIT: Duration = Duration::from_secs(60);
+    let mut objects = source.objects();
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            let cidrs = objects.borrow_and_update().node_pod_cidrs(node_name);
+            if !cidrs.is_empty() {
+                return cidrs;
+            }
+            if objects.changed().await.is_err() {
+                return Vec::new();
+            }
+        }
+    })
+    .await
+    .unwrap_or_default();
+    if found.is_empty() {
+        tracing::error!(
+            node = node_name,
+            "no pod CIDRs: node.podCIDRs is not configured and the Node object has no \
+             spec.podCIDRs after {WAIT:?} (is the controller-manager allocating node CIDRs?)"
+        );
+    } else {
+        tracing::info!(node = node_name, pod_cidrs = ?found, "pod CIDRs from the Node object");
+    }
+    found
+}
+
 /// Runs the agent until `stop` completes.
 pub async fn run(
     config: AgentConfig,
@@ -63,6 +96,22 @@ pub async fn run(
     let max = MaxConnectedClusters::from_u32(config.cluster.max_connected_clusters)?;
     let state = StateHandle::new(&config.cluster.name, config.cluster.id);
     let metrics = Metrics::new();
+
+    // The local source starts before the kvstore connection: the cluster's services (the
+    // kvstore's own among them) must not wait for etcd.
+    let local_source = crate::k8s::LocalSource::start(
+        &config.local_source().map_err(anyhow::Error::msg)?,
+        &node_name,
+        state.clone(),
+        config.cluster.id,
+    )
+    .await?;
+    let pod_cidrs = match (&local_source, config.node.pod_cidrs.is_empty()) {
+        (Some(source @ crate::k8s::LocalSource::Api(_)), true) => {
+            node_pod_cidrs_from(source, &node_name).await
+        }
+        _ => config.node.pod_cidrs.clone(),
+    };
 
     let etcd = EtcdConfig::from_file(&config.kvstore_config)?;
     let client = EtcdClient::connect_retrying(&etcd).await;
@@ -113,8 +162,10 @@ pub async fn run(
         cluster: config.cluster.name.clone(),
         cluster_id: config.cluster.id,
         name: node_name.clone(),
-        internal_ip: config.node.internal_ip,
-        pod_cidrs: config.node.pod_cidrs.clone(),
+        internal_ip: config.node.internal_ip.context(
+            "node.internalIP is not set: put it in the config or pass --node-ip / STRAIT_NODE_IP",
+        )?,
+        pod_cidrs,
         wireguard_pubkey: encryption.as_ref().map(|e| e.public_key()),
     };
     let publisher = tokio::spawn(publisher::publish_node(
@@ -122,16 +173,6 @@ pub async fn run(
         node,
         publisher::NODE_LEASE_TTL,
     ));
-
-    let _manifests = config.manifests_dir.clone().map(|dir| {
-        tracing::info!(dir = %dir.display(), "reading local services from the manifests directory");
-        crate::k8s::ManifestsSource::spawn(
-            dir,
-            state.clone(),
-            config.cluster.id,
-            Duration::from_secs(1),
-        )
-    });
 
     let mesh = Arc::new(ClusterMesh::spawn(
         config.clustermesh_config_dir.clone(),

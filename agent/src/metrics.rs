@@ -175,7 +175,8 @@ impl Metrics {
             .inc();
     }
 
-    /// Serves `GET /metrics` on `addr` until the task is dropped.
+    /// Serves `GET /metrics` (and `GET /healthz` for probes) on `addr` until the task is
+    /// dropped.
     pub async fn serve(self, addr: SocketAddr) -> Result<(), MetricsError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -190,7 +191,10 @@ impl Metrics {
                 let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
                     async move {
-                        if req.uri().path() == "/metrics" {
+                        if req.uri().path() == "/healthz" {
+                            // Liveness: the process runs and serves HTTP (kubelet probes).
+                            Response::builder().body(Full::new(Bytes::from_static(b"ok\n")))
+                        } else if req.uri().path() == "/metrics" {
                             Response::builder()
                                 .header(
                                     "content-type",
@@ -252,7 +256,21 @@ mod tests {
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         };
+        let health = {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut health = String::new();
+            s.read_to_string(&mut health).await.unwrap();
+            health
+        };
         server.abort();
+        assert!(
+            health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"),
+            "{health}"
+        );
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         assert!(
             body.contains(r#"strait_remote_cluster_connected{cluster="europe"} 1"#),

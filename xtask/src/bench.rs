@@ -34,7 +34,10 @@ pub fn run(env: &Env, name: &str, args: &[String]) -> anyhow::Result<()> {
     };
     cmd::step(&format!("bench {name}: {what}"));
     // Every helper binary (e.g. sockprobe) next to the benchmark, not only the one run.
-    cmd::run(env.cargo().args(["build", "--release", "-p", "strait-tests", "--bins"]))?;
+    cmd::run(
+        env.cargo()
+            .args(["build", "--release", "-p", "strait-tests", "--bins"]),
+    )?;
     cmd::run(
         env.cargo()
             .args(["run", "--release", "-p", "strait-tests", "--bin", bin, "--"])

@@ -40,6 +40,7 @@ pub fn run() -> anyhow::Result<Env> {
     ensure_bpffs()?;
     report_cgroup2()?;
     ensure_debian_packages()?;
+    report_kubectl();
     let ebpf_toolchain = ensure_rust_src()?;
     let bin_dir = ensure_bpf_linker(&ebpf_toolchain)?;
     println!("setup: done in {:.1}s", started.elapsed().as_secs_f64());
@@ -303,4 +304,27 @@ fn ensure_bpf_linker(toolchain: &str) -> anyhow::Result<PathBuf> {
         started.elapsed().as_secs_f64()
     );
     Ok(bin_dir)
+}
+
+/// kubectl renders deploy/'s kustomize overlays in tests/tests/deploy.rs (which fails under
+/// CI=true without it). It is not a Debian bookworm package and no other registry may be used
+/// here: the machine image ships it (/usr/bin/kubectl). Reported, not installed.
+fn report_kubectl() {
+    let found = ["/usr/bin/kubectl", "/usr/local/bin/kubectl"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    match found {
+        Some(path) => {
+            let version = Command::new(path)
+                .args(["version", "--client"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).replace('\n', ", "))
+                .unwrap_or_default();
+            println!("kubectl:      {path} ({})", version.trim_end_matches(", "));
+        }
+        None => println!(
+            "kubectl:      MISSING — the deploy/ manifest test needs it to render the kustomize \
+             overlays; install kubectl >= 1.27 (e.g. from the Kubernetes apt repository)"
+        ),
+    }
 }

@@ -42,6 +42,14 @@ pub struct KvstoremeshArgs {
     /// only the elected one writes.
     #[arg(long)]
     pub manifests_dir: Option<PathBuf>,
+    /// Export this cluster's global services read from the Kubernetes API instead
+    /// (in-cluster ServiceAccount; requires --cluster-id).
+    #[arg(long, conflicts_with = "manifests_dir")]
+    pub kubernetes_api: bool,
+    /// API server URL overriding the in-cluster address (Talos KubePrism:
+    /// https://localhost:7445).
+    #[arg(long, env = "STRAIT_K8S_API_SERVER", requires = "kubernetes_api")]
+    pub api_server: Option<hyper::Uri>,
     /// Prometheus metrics address.
     #[arg(long, default_value = "0.0.0.0:9965")]
     pub metrics_address: SocketAddr,
@@ -58,15 +66,26 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
         drain_grace: Duration::from_secs(args.drain_grace_seconds),
         ..MeshOptions::default()
     };
-    let _exporter = match (&args.manifests_dir, args.cluster_id) {
-        (Some(dir), Some(id)) => {
+    let export = args.manifests_dir.is_some() || args.kubernetes_api;
+    let _exporter = match (export, args.cluster_id) {
+        (true, Some(id)) => {
             let state = crate::state::StateHandle::new(&args.cluster_name, id);
-            let source = crate::k8s::ManifestsSource::spawn(
-                dir.clone(),
-                state.clone(),
-                id,
-                Duration::from_secs(1),
-            );
+            let source = match &args.manifests_dir {
+                Some(dir) => {
+                    crate::k8s::LocalSource::Manifests(crate::k8s::ManifestsSource::spawn(
+                        dir.clone(),
+                        state.clone(),
+                        id,
+                        Duration::from_secs(1),
+                    ))
+                }
+                None => crate::k8s::LocalSource::Api(crate::k8s::ApiSource::spawn(
+                    crate::k8s::api::client(args.api_server.as_ref()).await?,
+                    crate::k8s::api::WatchSet::ServiceExport,
+                    state.clone(),
+                    id,
+                )),
+            };
             let identity = format!("{}-{}", crate::config::hostname(), std::process::id());
             let task = tokio::spawn(crate::clustermesh::exporter::run(
                 local.clone(),
@@ -77,8 +96,9 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
             ));
             Some((source, AbortOnDrop(task)))
         }
-        (Some(_), None) => anyhow::bail!(
-            "--manifests-dir needs --cluster-id: exported services carry the cluster ID"
+        (true, None) => anyhow::bail!(
+            "--manifests-dir and --kubernetes-api need --cluster-id: exported services carry \
+             the cluster ID"
         ),
         _ => None,
     };

@@ -11,7 +11,7 @@ use std::{
 
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::{K8sError, Objects, services};
+use super::{K8sError, Objects};
 use crate::state::{ServiceName, StateHandle};
 
 pub struct ManifestsSource {
@@ -103,28 +103,15 @@ impl ManifestsSource {
     }
 }
 
-/// Makes the local cluster's services in `state` those of `objects`; returns what is applied.
+/// Makes the local cluster's services in `state` those of `objects` (the translation every
+/// source shares); returns what is applied.
 pub fn apply(
     state: &StateHandle,
     objects: &Objects,
     cluster_id: u32,
     previous: &BTreeSet<ServiceName>,
 ) -> BTreeSet<ServiceName> {
-    state.update(|m| {
-        let cluster = m.local_cluster().clone();
-        let mut now = BTreeSet::new();
-        for svc in &objects.services {
-            let slices = services::slices_of(svc, &objects.endpoint_slices);
-            if let Some(cs) = services::cluster_service(svc, &slices, cluster.clone(), cluster_id) {
-                now.insert(cs.name.clone());
-                m.upsert_service(cs);
-            }
-        }
-        for gone in previous.difference(&now) {
-            m.delete_service(&cluster, gone);
-        }
-        now
-    })
+    objects.apply_services(state, cluster_id, previous)
 }
 
 #[cfg(test)]

@@ -1,12 +1,23 @@
-//! Typed Kubernetes objects read from YAML (multi-document files), with a report of what was
-//! skipped and why: a bad document is logged and skipped, never fatal for the others.
+//! Typed Kubernetes objects of the local cluster, whichever source read them (a manifests
+//! directory or the API server), and what is derived from them with the same functions for
+//! every source: the local cluster's services in the state model, this node's pod CIDRs.
+//! A bad document is logged and skipped, never fatal for the others.
 
+use std::collections::BTreeSet;
+
+use ipnet::IpNet;
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod, Service},
+        core::v1::{Namespace, Node, Pod, Service},
         discovery::v1::EndpointSlice,
     },
     serde::Deserialize as _,
+};
+
+use super::services;
+use crate::{
+    policy::CiliumPolicy,
+    state::{ServiceName, StateHandle},
 };
 
 /// Everything read from one pass over the source.
@@ -16,6 +27,9 @@ pub struct Objects {
     pub endpoint_slices: Vec<EndpointSlice>,
     pub pods: Vec<Pod>,
     pub namespaces: Vec<Namespace>,
+    pub nodes: Vec<Node>,
+    /// CiliumNetworkPolicies and CiliumClusterwideNetworkPolicies that passed validation.
+    pub policies: Vec<CiliumPolicy>,
     /// Documents that could not be used: (origin, reason).
     pub skipped: Vec<(String, String)>,
 }
@@ -40,19 +54,115 @@ impl Objects {
                 .unwrap_or_default()
                 .to_owned();
             let at = format!("{origin} document {} ({kind})", i + 1);
-            let result = match kind.as_str() {
-                "Service" => serde_yaml_ng::from_value(value).map(|o| self.services.push(o)),
-                "EndpointSlice" => {
-                    serde_yaml_ng::from_value(value).map(|o| self.endpoint_slices.push(o))
-                }
-                "Pod" => serde_yaml_ng::from_value(value).map(|o| self.pods.push(o)),
-                "Namespace" => serde_yaml_ng::from_value(value).map(|o| self.namespaces.push(o)),
-                // Policies and other kinds are read by their own consumers.
-                _ => Ok(()),
-            };
-            if let Err(e) = result {
-                self.skipped.push((at, e.to_string()));
+            if let Err(reason) = self.add_value(&kind, value) {
+                self.skipped.push((at, reason));
             }
         }
+    }
+
+    /// Adds one object of `kind`; other kinds are ignored.
+    pub fn add_value(&mut self, kind: &str, value: serde_yaml_ng::Value) -> Result<(), String> {
+        let e = |e: serde_yaml_ng::Error| e.to_string();
+        match kind {
+            "Service" => self
+                .services
+                .push(serde_yaml_ng::from_value(value).map_err(e)?),
+            "EndpointSlice" => self
+                .endpoint_slices
+                .push(serde_yaml_ng::from_value(value).map_err(e)?),
+            "Pod" => self.pods.push(serde_yaml_ng::from_value(value).map_err(e)?),
+            "Namespace" => self
+                .namespaces
+                .push(serde_yaml_ng::from_value(value).map_err(e)?),
+            "Node" => self
+                .nodes
+                .push(serde_yaml_ng::from_value(value).map_err(e)?),
+            "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy" => {
+                self.policies.push(CiliumPolicy::from_value(value)?)
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The pod CIDRs Kubernetes allocated to node `name` (`spec.podCIDRs`, else `podCIDR`).
+    pub fn node_pod_cidrs(&self, name: &str) -> Vec<IpNet> {
+        let Some(spec) = self
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(name))
+            .and_then(|n| n.spec.as_ref())
+        else {
+            return Vec::new();
+        };
+        spec.pod_cidrs
+            .iter()
+            .flatten()
+            .chain(spec.pod_cidr.iter())
+            .filter_map(|c| c.parse::<IpNet>().ok())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    /// Makes the local cluster's services in `state` those defined here; returns what is
+    /// applied, to pass as `previous` next time (what vanished is deleted).
+    pub fn apply_services(
+        &self,
+        state: &StateHandle,
+        cluster_id: u32,
+        previous: &BTreeSet<ServiceName>,
+    ) -> BTreeSet<ServiceName> {
+        state.update(|m| {
+            let cluster = m.local_cluster().clone();
+            let mut now = BTreeSet::new();
+            for svc in &self.services {
+                let slices = services::slices_of(svc, &self.endpoint_slices);
+                if let Some(cs) =
+                    services::cluster_service(svc, &slices, cluster.clone(), cluster_id)
+                {
+                    now.insert(cs.name.clone());
+                    m.upsert_service(cs);
+                }
+            }
+            for gone in previous.difference(&now) {
+                m.delete_service(&cluster, gone);
+            }
+            now
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_and_policies_are_read_and_bad_ones_reported() {
+        let mut o = Objects::default();
+        o.add_yaml(
+            "m.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: usa-1}\n\
+             spec: {podCIDR: 10.1.0.0/24, podCIDRs: [10.1.0.0/24, 'fd00:1::/64']}\n---\n\
+             apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\n\
+             spec: {endpointSelector: {matchLabels: {app: database}}}\n---\n\
+             apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: q}\n\
+             spec: {}\n",
+        );
+        assert_eq!(o.policies.len(), 1);
+        assert_eq!(o.skipped.len(), 1, "{:?}", o.skipped);
+        assert!(
+            o.skipped[0].1.contains("endpointSelector"),
+            "{:?}",
+            o.skipped
+        );
+        assert_eq!(
+            o.node_pod_cidrs("usa-1")
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.1.0.0/24", "fd00:1::/64"]
+        );
+        assert!(o.node_pod_cidrs("usa-2").is_empty());
     }
 }

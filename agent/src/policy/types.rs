@@ -84,6 +84,14 @@ impl CiliumPolicy {
         Ok(policy)
     }
 
+    /// A policy from an already parsed document (a manifest's YAML or an API object's
+    /// JSON converted to a YAML value), with the same checks as [`Self::from_yaml`].
+    pub fn from_value(value: Value) -> Result<CiliumPolicy, String> {
+        serde_yaml_ng::from_value::<CiliumPolicy>(value)
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.validate().map(|()| p))
+    }
+
     /// Whether this is a namespaced CiliumNetworkPolicy.
     pub fn is_namespaced(&self) -> bool {
         self.kind == PolicyKind::CiliumNetworkPolicy
@@ -453,10 +461,7 @@ fn add_value(index: usize, value: Value, out: &mut ParsedDocuments) {
     match kind {
         "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy" => {
             let name = value_name(&value);
-            let parsed = serde_yaml_ng::from_value::<CiliumPolicy>(value)
-                .map_err(|e| e.to_string())
-                .and_then(|p| p.validate().map(|()| p));
-            match parsed {
+            match CiliumPolicy::from_value(value) {
                 Ok(p) => out.policies.push(p),
                 Err(reason) => out.errors.push(PolicyError::Invalid {
                     index,

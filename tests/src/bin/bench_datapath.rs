@@ -42,8 +42,10 @@ use strait_tests::{
 };
 
 #[derive(Parser, Debug)]
-#[command(about = "Datapath benchmarks: policy ns/packet via TestRun; connections/s through \
-                   the socket load balancer vs a kube-proxy-style iptables ruleset")]
+#[command(
+    about = "Datapath benchmarks: policy ns/packet via TestRun; connections/s through \
+                   the socket load balancer vs a kube-proxy-style iptables ruleset"
+)]
 struct Args {
     /// TestRun repeats per measurement.
     #[arg(long, default_value_t = 1_000_000)]
@@ -85,8 +87,8 @@ impl PolicyBench {
             ..Default::default()
         };
         let mut dp = Datapath::load(None, &sizes).expect("loading the datapath");
-        let mut ipc = IpcacheWriter::new(dp.take_map(names::MAP_IPCACHE).unwrap(), sizes.ipcache)
-            .unwrap();
+        let mut ipc =
+            IpcacheWriter::new(dp.take_map(names::MAP_IPCACHE).unwrap(), sizes.ipcache).unwrap();
         let mut desired: BTreeMap<Ipv4Net, IpcacheValue> = (0..ipcache_entries)
             .map(|i| {
                 (
@@ -164,17 +166,29 @@ impl PolicyBench {
 }
 
 fn bench_policy(args: &Args) {
-    println!("\n== policy program, ns/packet (BPF_PROG_TEST_RUN, {} repeats) ==", args.repeat);
+    println!(
+        "\n== policy program, ns/packet (BPF_PROG_TEST_RUN, {} repeats) ==",
+        args.repeat
+    );
     let sizes = [1_000u32, 100_000];
     let mut benches: Vec<PolicyBench> = sizes.iter().map(|n| PolicyBench::new(*n)).collect();
     let denied_src: SocketAddrV4 = "10.250.0.9:40000".parse().unwrap();
     let allowed_src = SocketAddrV4::new(nth_addr(5), 40001);
     let db: SocketAddrV4 = DB.parse().unwrap();
     let cases = [
-        ("new flow, policy evaluated (denied)", frame(denied_src, db, 6)),
-        ("established flow (conntrack hit)", frame(allowed_src, db, 6)),
+        (
+            "new flow, policy evaluated (denied)",
+            frame(denied_src, db, 6),
+        ),
+        (
+            "established flow (conntrack hit)",
+            frame(allowed_src, db, 6),
+        ),
     ];
-    println!("{:<40} {:>12} {:>12} {:>8}", "case", "1k ipcache", "100k ipcache", "growth");
+    println!(
+        "{:<40} {:>12} {:>12} {:>8}",
+        "case", "1k ipcache", "100k ipcache", "growth"
+    );
     for (name, f) in &cases {
         let mut results: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
         for _ in 0..args.rounds {
@@ -276,7 +290,10 @@ fn bench_connections(args: &Args) {
         "\n== connections/s to a service VIP ({} connections per run, median of {} alternating rounds) ==",
         args.connections, args.rounds
     );
-    println!("{:>9} {:>14} {:>14} {:>8}", "services", "strait eBPF", "iptables", "ratio");
+    println!(
+        "{:>9} {:>14} {:>14} {:>8}",
+        "services", "strait eBPF", "iptables", "ratio"
+    );
     for &n in &args.services {
         // Two identical topologies: one client namespace per mode, so neither ruleset is
         // ever in the other's path.
@@ -331,8 +348,18 @@ fn bench_connections(args: &Args) {
         conn_rate(&plain_cg, ipt_topo.client.name(), target, 50);
         let (mut e, mut i) = (Vec::new(), Vec::new());
         for _ in 0..args.rounds {
-            e.push(conn_rate(&ebpf_cg, ebpf_topo.client.name(), target, args.connections));
-            i.push(conn_rate(&plain_cg, ipt_topo.client.name(), target, args.connections));
+            e.push(conn_rate(
+                &ebpf_cg,
+                ebpf_topo.client.name(),
+                target,
+                args.connections,
+            ));
+            i.push(conn_rate(
+                &plain_cg,
+                ipt_topo.client.name(),
+                target,
+                args.connections,
+            ));
             // Let TIME_WAIT sockets of the last run drain a little between runs.
             std::thread::sleep(Duration::from_millis(200));
         }

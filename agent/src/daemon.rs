@@ -8,17 +8,20 @@ use anyhow::Context as _;
 use crate::{
     api,
     clustermesh::{
-        MaxConnectedClusters,
+        IdentityRange, MaxConnectedClusters,
+        allocator::IdentityAllocator,
         manager::{ClusterMesh, LocalClusterWatch},
-        publisher::{self, LocalNode},
+        publisher::{self, EndpointPublisher, LocalNode},
         remote::{LocalCluster, RemoteTiming},
     },
     config::AgentConfig,
     datapath::{DatapathAgent, flows::IdentityLookup},
+    endpoints::{DatapathHooks, EndpointManager},
     kvstore::{ClustermeshConfigDir, EtcdClient, EtcdConfig},
     metrics::Metrics,
     state::StateHandle,
     status::{AgentStatus, ClusterMeshStatus, LocalStatus},
+    task::AbortOnDrop,
     wireguard::{BackendChoice, EncryptionAgent, EncryptionConfig},
 };
 
@@ -85,6 +88,50 @@ async fn node_pod_cidrs_from(
         tracing::info!(node = node_name, pod_cidrs = ?found, "pod CIDRs from the Node object");
     }
     found
+}
+
+/// Starts the local endpoint manager: this node's pods get identities, published ipcache
+/// entries and, with the datapath, their policy. Runs until the returned tasks are dropped.
+async fn start_endpoints(
+    config: &AgentConfig,
+    client: &EtcdClient,
+    node: &LocalNode,
+    max: MaxConnectedClusters,
+    state: StateHandle,
+    datapath: Option<&DatapathAgent>,
+    objects: tokio::sync::watch::Receiver<crate::k8s::Objects>,
+) -> anyhow::Result<[AbortOnDrop; 2]> {
+    let allocator = IdentityAllocator::new(
+        client.clone(),
+        &config.cluster.name,
+        IdentityRange::for_cluster(config.cluster.id, max),
+        &node.name,
+        publisher::NODE_LEASE_TTL,
+    )
+    .await
+    .context("identity allocator")?;
+    let endpoints = Arc::new(
+        EndpointPublisher::new(client.clone(), node.clone(), publisher::NODE_LEASE_TTL)
+            .await
+            .context("endpoint publisher")?,
+    );
+    let keep = tokio::spawn({
+        let endpoints = endpoints.clone();
+        async move { endpoints.keep_published().await }
+    });
+    let manager = EndpointManager {
+        cluster: config.cluster.name.clone(),
+        node: node.name.clone(),
+        allocator,
+        publisher: endpoints,
+        state,
+        datapath: datapath.map(|d| DatapathHooks {
+            datapath: d.datapath(),
+            policy: d.policy.clone(),
+        }),
+    };
+    let run = tokio::spawn(manager.run(objects));
+    Ok([AbortOnDrop(keep), AbortOnDrop(run)])
 }
 
 /// Runs the agent until `stop` completes.
@@ -167,6 +214,21 @@ pub async fn run(
         )?,
         pod_cidrs,
         wireguard_pubkey: encryption.as_ref().map(|e| e.public_key()),
+    };
+    let _endpoints = match &local_source {
+        Some(source) => Some(
+            start_endpoints(
+                &config,
+                &client,
+                &node,
+                max,
+                state.clone(),
+                datapath.as_deref(),
+                source.objects(),
+            )
+            .await?,
+        ),
+        None => None,
     };
     let publisher = tokio::spawn(publisher::publish_node(
         client.clone(),

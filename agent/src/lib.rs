@@ -9,6 +9,7 @@ pub mod config;
 pub mod constants;
 pub mod daemon;
 pub mod datapath;
+pub mod endpoints;
 pub mod error;
 pub mod k8s;
 pub mod kvstore;

@@ -90,8 +90,9 @@ pub struct VmArgs {
     /// Show every kernel message on the console (default: warnings and worse).
     #[arg(long)]
     pub verbose: bool,
-    /// Command to run in the VM after the tests (e.g. `-- strait count --help`, or `-- sh`
-    /// for a shell on the console); `strait`, `ip`, `wg`, `tcpdump` and busybox are on PATH.
+    /// Command to run in the VM after the named tests (alone when no `--test` is given), not
+    /// interactively, e.g. `-- sh -c 'strait count --help; wg --version'`. `strait`, `ip`,
+    /// `wg`, `tcpdump`, `ping` and busybox's applets are on PATH; its status is the VM's.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }

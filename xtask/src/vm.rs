@@ -257,16 +257,33 @@ fn resolve_kernel(spec: &str, vm_dir: &Path) -> anyhow::Result<Kernel> {
         format!("linux-image-{spec}-amd64")
     };
     let (package, version) = concrete_package(&name)?;
-    let dir = vm_dir
-        .join("kernels")
-        .join(format!("{package}_{}", version.replace(':', "%3a")));
+    let kernels = vm_dir.join("kernels");
+    let dir = kernels.join(format!("{package}_{}", version.replace(':', "%3a")));
     let done = dir.join(".extracted");
-    if done.exists() {
+    let dir = if done.exists() {
         println!("vm: {package} {version} (cached in {})", dir.display());
+        dir
     } else {
-        download_and_extract(&package, &version, vm_dir, &dir)?;
-        std::fs::write(&done, b"").with_context(|| format!("writing {}", done.display()))?;
-    }
+        match download_and_extract(&package, &version, vm_dir, &dir) {
+            Ok(()) => {
+                std::fs::write(&done, b"")
+                    .with_context(|| format!("writing {}", done.display()))?;
+                dir
+            }
+            // Offline, or apt's lists name a version the mirror dropped: an earlier download
+            // of the same package still tests the same kernel line.
+            Err(e) => match cached_version(&kernels, &package) {
+                Some(old) => {
+                    println!(
+                        "vm: warning: {e:#}; using the cached {}",
+                        old.file_name().unwrap_or_default().to_string_lossy()
+                    );
+                    old
+                }
+                None => return Err(e),
+            },
+        }
+    };
     let boot = dir.join("boot");
     let vmlinuz = std::fs::read_dir(&boot)
         .with_context(|| format!("reading {}", boot.display()))?
@@ -278,6 +295,20 @@ fn resolve_kernel(spec: &str, vm_dir: &Path) -> anyhow::Result<Kernel> {
         })
         .with_context(|| format!("{package} has no boot/vmlinuz-*"))?;
     kernel_from_file(&vmlinuz)
+}
+
+/// The most recently unpacked `<package>_<version>` directory, if any.
+fn cached_version(kernels: &Path, package: &str) -> Option<PathBuf> {
+    std::fs::read_dir(kernels)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.join(".extracted").exists()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{package}_")))
+        })
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
 }
 
 /// A vmlinuz path; modules next to it when it sits in `<root>/boot/`.
@@ -367,7 +398,7 @@ fn download_and_extract(
             .arg(format!("{package}={version}"))
             .current_dir(&debs),
     )
-    .with_context(|| format!("downloading {package}"))?;
+    .with_context(|| format!("downloading {package} (stale apt lists? run `apt-get update`)"))?;
     let deb = std::fs::read_dir(&debs)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {

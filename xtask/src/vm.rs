@@ -87,6 +87,11 @@ pub struct VmArgs {
     pub cpus: u32,
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
+    /// Extra file for the VM, repeatable: `HOST_PATH[:GUEST_PATH]` (default: the same path);
+    /// executables bring their shared libraries, e.g. `--include /usr/bin/etcd` or
+    /// `--include agent.yaml:/etc/strait/agent.yaml`.
+    #[arg(long, value_name = "HOST[:GUEST]")]
+    pub include: Vec<String>,
     /// Show every kernel message on the console (default: warnings and worse).
     #[arg(long)]
     pub verbose: bool,
@@ -107,6 +112,7 @@ impl VmArgs {
             memory: 2048,
             cpus: 2,
             accel: Accel::Auto,
+            include: Vec::new(),
             verbose: false,
             command: Vec::new(),
         }
@@ -175,7 +181,7 @@ pub fn run(env: &Env, args: &VmArgs) -> Result<(), VmError> {
     cmd::step("vm: initramfs (busybox, strait, tests, modules, tools)");
     let t = Instant::now();
     let initrd = vm_dir.join("initramfs.cpio");
-    let size = build_initramfs(&initrd, &vm_dir, &kernel, &artifacts, &runs, &args.command)?;
+    let size = build_initramfs(&initrd, &vm_dir, &kernel, &artifacts, &runs, args)?;
     println!(
         "vm: {} ({} MiB) in {:.1}s",
         initrd.display(),
@@ -650,7 +656,7 @@ fn build_initramfs(
     kernel: &Kernel,
     artifacts: &Artifacts,
     runs: &[TestRun],
-    command: &[String],
+    args: &VmArgs,
 ) -> anyhow::Result<u64> {
     let mut fs = Tree::default();
     let busybox = which("busybox")?;
@@ -694,6 +700,11 @@ fn build_initramfs(
         fs.file(&format!("tests/{target}"), Source::Host(exe.clone()), 0o755);
         needs_libs.push(exe);
     }
+    // busybox's sh runs its own applets before anything on PATH (its `ip` is not iproute2):
+    // /bin/sh is Debian's dash, so commands and scripts get the real tools.
+    let dash = which("dash")?;
+    fs.file("bin/sh", Source::Host(dash.clone()), 0o755);
+    needs_libs.push(dash);
     for tool in TOOLS {
         let path = which(tool)?;
         fs.file(
@@ -702,6 +713,28 @@ fn build_initramfs(
             0o755,
         );
         needs_libs.push(path);
+    }
+    for inc in &args.include {
+        let (host, guest) = inc.split_once(':').unwrap_or((inc, inc));
+        let host = std::fs::canonicalize(host).with_context(|| format!("--include {inc}"))?;
+        if !host.is_file() {
+            bail!("--include {inc}: only files can be included");
+        }
+        let guest = if guest == inc {
+            host.to_string_lossy().into_owned()
+        } else {
+            guest.to_owned()
+        };
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&host)?.permissions());
+        if mode & 0o111 != 0 && !is_static(&host)? {
+            needs_libs.push(host.clone());
+        }
+        fs.file(
+            guest.trim_start_matches('/'),
+            Source::Host(host),
+            mode & 0o7777,
+        );
     }
     for lib in shared_libraries(&needs_libs)? {
         let rel = lib.to_string_lossy().trim_start_matches('/').to_owned();
@@ -720,7 +753,7 @@ fn build_initramfs(
         }
         println!("vm: modules, in load order: {}", modules.join(" "));
     }
-    fs.bytes("init", &init_script(&modules, runs, command), 0o755);
+    fs.bytes("init", &init_script(&modules, runs, &args.command), 0o755);
 
     let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
@@ -775,9 +808,10 @@ run() {
         s.push('\n');
     }
     if !command.is_empty() {
+        // Through dash (a path, so not a busybox applet), which looks the command up on PATH.
         let joined: Vec<String> = command.iter().map(|a| quote(a)).collect();
         s.push_str(&format!(
-            "run {} {}\n",
+            "run {} /bin/sh -c 'exec \"$@\"' sh {}\n",
             quote(&format!("command: {}", command.join(" "))),
             joined.join(" ")
         ));

@@ -92,6 +92,10 @@ pub struct VmArgs {
     /// `--include agent.yaml:/etc/strait/agent.yaml`.
     #[arg(long, value_name = "HOST[:GUEST]")]
     pub include: Vec<String>,
+    /// Then an interactive bash on the console (this terminal): `exit` powers the VM off,
+    /// Ctrl-A X kills it. No timeout.
+    #[arg(long)]
+    pub shell: bool,
     /// Show every kernel message on the console (default: warnings and worse).
     #[arg(long)]
     pub verbose: bool,
@@ -113,6 +117,7 @@ impl VmArgs {
             cpus: 2,
             accel: Accel::Auto,
             include: Vec::new(),
+            shell: false,
             verbose: false,
             command: Vec::new(),
         }
@@ -165,10 +170,10 @@ pub fn run(env: &Env, args: &VmArgs) -> Result<(), VmError> {
     );
 
     cmd::step("vm: building strait and the privileged test binaries");
-    let artifacts = build(env, !args.command.is_empty())?;
+    let artifacts = build(env, !args.command.is_empty() || args.shell)?;
     let specs: Vec<String> = if !args.tests.is_empty() {
         args.tests.clone()
-    } else if args.command.is_empty() {
+    } else if args.command.is_empty() && !args.shell {
         DEFAULT_TESTS.iter().map(|s| s.to_string()).collect()
     } else {
         Vec::new()
@@ -195,12 +200,16 @@ pub fn run(env: &Env, args: &VmArgs) -> Result<(), VmError> {
         other => other,
     };
     cmd::step(&format!(
-        "vm: booting Linux {} under qemu ({}, {} vCPU, {} MiB; timeout {}s)",
+        "vm: booting Linux {} under qemu ({}, {} vCPU, {} MiB; {})",
         kernel.release,
         if accel == Accel::Kvm { "KVM" } else { "TCG" },
         args.cpus,
         args.memory,
-        args.timeout
+        if args.shell {
+            "no timeout with --shell".to_owned()
+        } else {
+            format!("timeout {}s", args.timeout)
+        }
     ));
     let outcome = boot(&kernel, &initrd, args, accel)?;
 
@@ -705,6 +714,27 @@ fn build_initramfs(
     let dash = which("dash")?;
     fs.file("bin/sh", Source::Host(dash.clone()), 0o755);
     needs_libs.push(dash);
+    if args.shell {
+        let bash = which("bash")?;
+        fs.file("bin/bash", Source::Host(bash.clone()), 0o755);
+        needs_libs.push(bash);
+        let term = std::env::var("TERM").unwrap_or_else(|_| "vt100".into());
+        for t in [term.as_str(), "vt100"] {
+            let Some(first) = t.chars().next() else {
+                continue;
+            };
+            if let Some(info) = ["/lib/terminfo", "/usr/share/terminfo"]
+                .iter()
+                .map(|d| Path::new(d).join(first.to_string()).join(t))
+                .find(|p| p.is_file())
+            {
+                let rel = info.to_string_lossy().trim_start_matches('/').to_owned();
+                fs.file(&rel, Source::Host(info), 0o644);
+                fs.bytes("etc/strait-vm-term", t, 0o644);
+                break;
+            }
+        }
+    }
     for tool in TOOLS {
         let path = which(tool)?;
         fs.file(
@@ -753,7 +783,11 @@ fn build_initramfs(
         }
         println!("vm: modules, in load order: {}", modules.join(" "));
     }
-    fs.bytes("init", &init_script(&modules, runs, &args.command), 0o755);
+    fs.bytes(
+        "init",
+        &init_script(&modules, runs, &args.command, args.shell),
+        0o755,
+    );
 
     let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
@@ -763,7 +797,7 @@ fn build_initramfs(
 }
 
 /// The VM's PID 1 (busybox sh): mounts, modules, the tests, a result line, power off.
-fn init_script(modules: &[String], runs: &[TestRun], command: &[String]) -> String {
+fn init_script(modules: &[String], runs: &[TestRun], command: &[String], shell: bool) -> String {
     let mut s = String::from(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -816,6 +850,17 @@ run() {
             joined.join(" ")
         ));
     }
+    if shell {
+        let (rows, cols) = terminal_size().unwrap_or((24, 80));
+        // A session with the console as controlling terminal, so Ctrl-C reaches the command.
+        s.push_str(&format!(
+            r#"echo "STRAIT-VM-SHELL: exit (or Ctrl-D) powers the VM off; Ctrl-A X kills it"
+export TERM=$(cat /etc/strait-vm-term 2>/dev/null || echo vt100)
+stty rows {rows} cols {cols} </dev/ttyS0
+setsid -c /bin/bash -i </dev/ttyS0 >/dev/ttyS0 2>&1
+"#
+        ));
+    }
     s.push_str(
         r#"echo "STRAIT-VM-RESULT rc=$rc"
 sync
@@ -824,6 +869,14 @@ echo o > /proc/sysrq-trigger
 "#,
     );
     s
+}
+
+/// Rows and columns of the terminal on stdin, for the VM's shell.
+fn terminal_size() -> Option<(u16, u16)> {
+    // SAFETY: TIOCGWINSZ fills the winsize we pass; it fails harmlessly on a non-terminal.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
 }
 
 fn quote(s: &str) -> String {
@@ -1027,14 +1080,7 @@ fn qemu_command(
         .arg(&kernel.vmlinuz)
         .args(["-append", cmdline])
         // No network card, no display: the serial console on stdio is the only way out.
-        .args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-        ])
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     if let Some(initrd) = initrd {
@@ -1090,12 +1136,12 @@ fn probe_kvm(kernel: &Kernel) -> bool {
         1,
         Accel::Kvm,
     );
-    probe.stderr(Stdio::null());
+    probe.args(["-serial", "stdio"]).stderr(Stdio::null());
     let Ok(child) = probe.spawn() else {
         return false;
     };
     let mut child = Qemu(child);
-    let lines = console_lines(child.0.stdout.take().expect("piped"));
+    let lines = console_lines(child.0.stdout.take().expect("piped"), false);
     let deadline = Instant::now() + PROBE;
     let mut ok = false;
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
@@ -1118,7 +1164,12 @@ fn probe_kvm(kernel: &Kernel) -> bool {
 }
 
 /// Console lines (`\r` removed) from qemu's stdout, on a thread.
-fn console_lines(mut out: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+/// With `echo`, bytes are also copied to stdout as they arrive (an interactive shell's prompt
+/// has no newline).
+fn console_lines(
+    mut out: impl std::io::Read + Send + 'static,
+    echo: bool,
+) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
@@ -1127,6 +1178,11 @@ fn console_lines(mut out: impl std::io::Read + Send + 'static) -> mpsc::Receiver
             match out.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    if echo {
+                        let mut stdout = std::io::stdout().lock();
+                        let _ = stdout.write_all(&buf[..n]);
+                        let _ = stdout.flush();
+                    }
                     for &b in &buf[..n] {
                         match b {
                             b'\n' => {
@@ -1171,6 +1227,19 @@ fn boot(kernel: &Kernel, initrd: &Path, args: &VmArgs, accel: Accel) -> anyhow::
         accel,
     );
     qemu.stderr(Stdio::inherit());
+    if !args.shell {
+        qemu.args(["-serial", "stdio"]);
+    } else {
+        // The terminal drives the console: Ctrl-C goes to the guest, Ctrl-A X quits qemu.
+        qemu.stdin(Stdio::inherit()).args([
+            "-chardev",
+            "stdio,id=con,mux=on,signal=off",
+            "-serial",
+            "chardev:con",
+            "-mon",
+            "chardev=con,mode=readline",
+        ]);
+    }
     let started = Instant::now();
     let child = qemu
         .spawn()
@@ -1187,9 +1256,14 @@ fn boot(kernel: &Kernel, initrd: &Path, args: &VmArgs, accel: Accel) -> anyhow::
         std::process::exit(130);
     });
     let mut qemu = Qemu(child);
-    let lines = console_lines(qemu.0.stdout.take().expect("piped"));
+    let lines = console_lines(qemu.0.stdout.take().expect("piped"), args.shell);
 
-    let deadline = started + Duration::from_secs(args.timeout);
+    let deadline = started
+        + if args.shell {
+            Duration::from_secs(365 * 24 * 3600)
+        } else {
+            Duration::from_secs(args.timeout)
+        };
     let mut outcome = Outcome {
         rc: -1,
         boot: None,
@@ -1229,8 +1303,10 @@ fn boot(kernel: &Kernel, initrd: &Path, args: &VmArgs, accel: Accel) -> anyhow::
             outcome.tests.push((label.to_owned(), rc));
         } else if let Some(rc) = line.strip_prefix(RESULT) {
             result = rc.trim().parse::<i32>().ok();
-            println!("{line}");
-        } else {
+            if !args.shell {
+                println!("{line}");
+            }
+        } else if !args.shell {
             println!("  | {line}");
         }
     }

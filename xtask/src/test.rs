@@ -90,6 +90,7 @@ fn vm_step(env: &Env, filter: Option<&str>) -> anyhow::Result<()> {
         Err(crate::vm::VmError::Failed(rc)) => {
             anyhow::bail!("VM tests failed (rc={rc}); rerun with `cargo xtask vm`")
         }
+        Err(crate::vm::VmError::Broke(e)) => Err(e.context("VM tests failed")),
         Err(crate::vm::VmError::Infra(e)) if std::env::var_os("CI").is_none() => {
             println!("VM tests: WARNING, could not run ({e:#}); with CI=true this fails the run");
             Ok(())

@@ -131,6 +131,9 @@ pub enum VmError {
     Infra(anyhow::Error),
     /// The VM ran; the tests or the command exited with this status.
     Failed(i32),
+    /// The VM booted, then hung or died before its result line (a test took the kernel down,
+    /// or overran the timeout): a failure like a failing test.
+    Broke(anyhow::Error),
 }
 
 impl From<anyhow::Error> for VmError {
@@ -143,7 +146,7 @@ impl From<anyhow::Error> for VmError {
 pub fn main(env: &Env, args: &VmArgs) -> anyhow::Result<u8> {
     match run(env, args) {
         Ok(()) => Ok(0),
-        Err(VmError::Infra(e)) => Err(e),
+        Err(VmError::Infra(e) | VmError::Broke(e)) => Err(e),
         Err(VmError::Failed(rc)) => {
             eprintln!("\nxtask vm: the VM's tests/command failed (rc={rc})");
             Ok(u8::try_from(rc).ok().filter(|rc| *rc != 0).unwrap_or(1))
@@ -552,6 +555,8 @@ struct Artifacts {
     strait: Option<PathBuf>,
     /// Integration test target name (`counter`) → executable.
     tests: BTreeMap<String, PathBuf>,
+    /// strait-tests' own binaries (`sockprobe`...): tests run them from next to themselves.
+    helpers: BTreeMap<String, PathBuf>,
 }
 
 /// One `cargo test --no-run` with the same package selection as `cargo xtask test` (so
@@ -567,6 +572,7 @@ fn build(env: &Env, with_agent: bool) -> anyhow::Result<Artifacts> {
     ]))?;
     let mut strait = None;
     let mut tests = BTreeMap::new();
+    let mut helpers = BTreeMap::new();
     for line in out.lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -589,6 +595,8 @@ fn build(env: &Env, with_agent: bool) -> anyhow::Result<Artifacts> {
             strait = Some(PathBuf::from(exe));
         } else if kinds == ["test"] && package.contains("strait-tests") {
             tests.insert(name.to_owned(), PathBuf::from(exe));
+        } else if kinds == ["bin"] && package.contains("strait-tests") && !is_test_profile {
+            helpers.insert(name.to_owned(), PathBuf::from(exe));
         }
     }
     // The tests link strait's library; the binary is only needed for a command, and building
@@ -607,7 +615,11 @@ fn build(env: &Env, with_agent: bool) -> anyhow::Result<Artifacts> {
         tests.len(),
         tests.keys().cloned().collect::<Vec<_>>().join(", ")
     );
-    Ok(Artifacts { strait, tests })
+    Ok(Artifacts {
+        strait,
+        tests,
+        helpers,
+    })
 }
 
 /// One test selection, checked against the binary's own `--list` before booting (a
@@ -708,6 +720,13 @@ fn build_initramfs(
         let exe = strip_cached(&artifacts.tests[target], &stripped, target)?;
         fs.file(&format!("tests/{target}"), Source::Host(exe.clone()), 0o755);
         needs_libs.push(exe);
+    }
+    if !runs.is_empty() {
+        for (name, path) in &artifacts.helpers {
+            let exe = strip_cached(path, &stripped, name)?;
+            fs.file(&format!("tests/{name}"), Source::Host(exe.clone()), 0o755);
+            needs_libs.push(exe);
+        }
     }
     // busybox's sh runs its own applets before anything on PATH (its `ip` is not iproute2):
     // /bin/sh is Debian's dash, so commands and scripts get the real tools.
@@ -1213,7 +1232,7 @@ struct Outcome {
     tests: Vec<(String, i32)>,
 }
 
-fn boot(kernel: &Kernel, initrd: &Path, args: &VmArgs, accel: Accel) -> anyhow::Result<Outcome> {
+fn boot(kernel: &Kernel, initrd: &Path, args: &VmArgs, accel: Accel) -> Result<Outcome, VmError> {
     let mut cmdline = String::from("console=ttyS0 panic=-1 mitigations=off rdinit=/init");
     if !args.verbose {
         cmdline.push_str(" loglevel=4");
@@ -1274,11 +1293,12 @@ fn boot(kernel: &Kernel, initrd: &Path, args: &VmArgs, accel: Accel) -> anyhow::
     let mut test_started = Instant::now();
     loop {
         let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-            bail!(
+            let e = anyhow::anyhow!(
                 "the VM did not finish within {}s: killed qemu (pid {}); raise --timeout?",
                 args.timeout,
                 qemu.0.id()
             );
+            return Err(booted(&outcome, e));
         };
         let line = match lines.recv_timeout(left) {
             Ok(line) => line,
@@ -1317,9 +1337,21 @@ fn boot(kernel: &Kernel, initrd: &Path, args: &VmArgs, accel: Accel) -> anyhow::
             outcome.rc = rc;
             Ok(outcome)
         }
-        None => bail!(
-            "the VM stopped ({status}) without a {RESULT}<n> line: it did not boot or its init \
-             failed (kernel panic? see the console above)"
-        ),
+        None => {
+            let e = anyhow::anyhow!(
+                "the VM stopped ({status}) without a {RESULT}<n> line: it did not boot, or its \
+                 init or kernel died (kernel panic? see the console above)"
+            );
+            Err(booted(&outcome, e))
+        }
+    }
+}
+
+/// After the VM booted a hang or crash is the tests' failure, before it the VM's.
+fn booted(outcome: &Outcome, e: anyhow::Error) -> VmError {
+    if outcome.boot.is_some() {
+        VmError::Broke(e)
+    } else {
+        VmError::Infra(e)
     }
 }

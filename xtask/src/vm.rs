@@ -710,20 +710,20 @@ fn build_initramfs(
     std::fs::create_dir_all(&stripped)?;
     let mut needs_libs = Vec::new();
     if let Some(strait) = &artifacts.strait {
-        let strait = strip_cached(strait, &stripped, "strait")?;
+        let strait = strip_cached(strait, &stripped)?;
         fs.file("usr/bin/strait", Source::Host(strait.clone()), 0o755);
         needs_libs.push(strait);
     }
     let mut targets: Vec<&str> = runs.iter().map(|r| r.target.as_str()).collect();
     targets.dedup();
     for target in targets {
-        let exe = strip_cached(&artifacts.tests[target], &stripped, target)?;
+        let exe = strip_cached(&artifacts.tests[target], &stripped)?;
         fs.file(&format!("tests/{target}"), Source::Host(exe.clone()), 0o755);
         needs_libs.push(exe);
     }
     if !runs.is_empty() {
         for (name, path) in &artifacts.helpers {
-            let exe = strip_cached(path, &stripped, name)?;
+            let exe = strip_cached(path, &stripped)?;
             fs.file(&format!("tests/{name}"), Source::Host(exe.clone()), 0o755);
             needs_libs.push(exe);
         }
@@ -940,9 +940,11 @@ fn shared_libraries(binaries: &[PathBuf]) -> anyhow::Result<BTreeSet<PathBuf>> {
     Ok(libs)
 }
 
-/// `objcopy --strip-debug` into `dir`, redone only when the source changed.
-fn strip_cached(src: &Path, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    let dst = dir.join(name);
+/// `objcopy --strip-debug` into `dir`, redone only when the source changed. Keyed by the
+/// source's file name, which for test binaries carries cargo's hash (`counter-1a2b...`), so
+/// worktrees sharing a target directory do not get each other's binaries.
+fn strip_cached(src: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    let dst = dir.join(src.file_name().context("binary without a file name")?);
     let newer = |a: &Path, b: &Path| -> bool {
         let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         matches!((m(a), m(b)), (Some(a), Some(b)) if a > b)

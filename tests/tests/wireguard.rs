@@ -629,3 +629,111 @@ fn reconcile_benchmark_1000_peers() {
         r.peers, r.initial, r.one_change, r.no_change
     );
 }
+
+/// The same reconciler on the kernel backend: strait creates a kernel WireGuard device per
+/// node, pods talk through it (ping, TCP, UDP, 1 MiB), the underlay carries WireGuard only,
+/// the handshake shows, and a node leaving takes its peer and route away. This machine has no
+/// wireguard module: `cargo xtask vm` (a step of `cargo xtask test`) boots a kernel that has
+/// one and runs this test there with `--include-ignored`; without the module it fails.
+#[test]
+#[ignore = "needs the wireguard kernel module: run by `cargo xtask vm` (part of `cargo xtask test`)"]
+fn kernel_backend_carries_pod_traffic_through_the_tunnel() {
+    require_privileges();
+    assert!(
+        Path::new("/sys/module/wireguard").exists(),
+        "the wireguard kernel module is not loaded: this test needs kernel WireGuard (run it \
+         with `cargo xtask vm --test wireguard::kernel_backend_carries_pod_traffic_through_the_tunnel`)"
+    );
+    let topo = Topology::new(2, None);
+    let (n1, n2) = (&topo.nodes[0], &topo.nodes[1]);
+    let rt = runtime();
+    let kernel = |c: &mut strait::wireguard::EncryptionConfig| {
+        c.wireguard.backend = strait::wireguard::BackendChoice::Kernel;
+    };
+    let a = NodeAgent::start(&rt, n1, "c1", 1, "node-a", kernel);
+    let b = NodeAgent::start(&rt, n2, "c2", 2, "node-b", kernel);
+    for agent in [&a, &b] {
+        assert_eq!(agent.agent.manager().backend(), BackendKind::Kernel);
+        assert_eq!(agent.agent.manager().child_pid(), None, "no wireguard-go");
+    }
+    // A kernel device: its link kind is wireguard.
+    let details = ip_in(&n1.ns, &["-d", "link", "show", "dev", &a.device]);
+    assert!(details.contains("wireguard"), "{details}");
+    publish_mesh(&rt, &[(&a, n1), (&b, n2)]);
+
+    let tcp = TcpEcho::start(&n2.pod, sa(n2.pod_ip, 7000));
+    let udp = UdpEcho::start(&n2.pod, sa(n2.pod_ip, 7001));
+    let back = TcpEcho::start(&n1.pod, sa(n1.pod_ip, 7002));
+    let capture = Capture::start(&n1.ns, &n1.underlay_if);
+
+    let ping = std::process::Command::new("ip")
+        .args(["netns", "exec", n1.pod.name(), "ping", "-c", "3", "-W", "5"])
+        .arg(n2.pod_ip.to_string())
+        .output()
+        .expect("running ping");
+    assert!(
+        ping.status.success(),
+        "pod A -> pod B ping through kernel WireGuard: {}{}",
+        String::from_utf8_lossy(&ping.stdout),
+        String::from_utf8_lossy(&ping.stderr)
+    );
+    let mut pod_to_pod = tcp_connect(&n1.pod, tcp.addr, CONNECT).expect("pod A -> pod B over TCP");
+    for i in 0..20 {
+        echo_roundtrip(&mut pod_to_pod, format!("hello {i}").as_bytes()).unwrap();
+    }
+    udp_roundtrip(&n1.pod, udp.addr, b"udp through the tunnel").expect("pod A -> pod B over UDP");
+    let mut reverse = tcp_connect(&n2.pod, back.addr, CONNECT).expect("pod B -> pod A over TCP");
+    echo_roundtrip(&mut reverse, b"the other way").unwrap();
+    drop((pod_to_pod, reverse));
+    // Full-size segments: the device MTU leaves room for WireGuard's overhead.
+    let (got, _) =
+        bulk_transfer(&n1.pod, &n2.pod, sa(n2.pod_ip, 7400), 1 << 20).expect("1 MiB pod -> pod");
+    assert_eq!(got, 1 << 20);
+
+    let lines = capture.finish();
+    let wg_packets =
+        assert_only_wireguard(&lines, &[n1.underlay_ip, n2.underlay_ip], WIREGUARD_PORT);
+    assert!(
+        wg_packets >= 40,
+        "{wg_packets} WireGuard packets: {lines:#?}"
+    );
+
+    let status = a.agent.status().unwrap();
+    assert_eq!(status.backend, BackendKind::Kernel);
+    assert_eq!(status.listen_port, Some(WIREGUARD_PORT));
+    assert_eq!(status.peers.len(), 1, "{status:#?}");
+    let peer = &status.peers[0];
+    assert_eq!(peer.node.as_deref(), Some("node-b"));
+    assert_eq!(peer.public_key, b.agent.public_key());
+    assert_eq!(peer.endpoint, Some(sa(n2.underlay_ip, WIREGUARD_PORT)));
+    assert!(peer.last_handshake_unix.is_some(), "no handshake: {peer:?}");
+    assert!(
+        peer.rx_bytes > 1 << 20 || peer.tx_bytes > 1 << 20,
+        "{peer:?}"
+    );
+    let wg = std::process::Command::new("ip")
+        .args(["netns", "exec", n1.ns.name(), "wg", "show", &a.device])
+        .output()
+        .expect("running wg show");
+    let wg = String::from_utf8_lossy(&wg.stdout);
+    println!("wg show {} (node A):\n{wg}", a.device);
+    assert!(wg.contains("latest handshake"), "{wg}");
+    assert_eq!(
+        strait_routes(&n1.ns),
+        [format!(
+            "10.2.0.0/24 dev {} scope link src 10.1.0.1",
+            a.device
+        )],
+        "node A's strait routes"
+    );
+    assert_eq!(link_info(&n1.ns, &a.device).1, 1500 - 80);
+
+    // Node B leaves: its peer and route go; the device stays.
+    a.state.update(|m| m.delete_node("c2", "node-b"));
+    a.wait(&rt);
+    assert!(a.agent.status().unwrap().peers.is_empty());
+    assert!(strait_routes(&n1.ns).is_empty());
+    drop((tcp, udp, back));
+    a.stop(&rt);
+    b.stop(&rt);
+}

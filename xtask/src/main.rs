@@ -5,6 +5,7 @@ mod cmd;
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +43,11 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Set up, build, and boot another kernel (Debian's 6.1 by default) under qemu with strait,
+    /// the privileged tests and the wireguard module in an initramfs; runs the VM test list
+    /// (or `--test`s, or a command after `--`) there and exits with their status. Kernels are
+    /// downloaded once into <target>/vm/, never installed. TCG boots in ~10 s.
+    Vm(vm::VmArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,6 +58,11 @@ fn main() -> std::process::ExitCode {
         Task::Test { filter } => setup::run().and_then(|env| test::run(&env, filter.as_deref())),
         Task::Demo => setup::run().and_then(|env| demo::run(&env)),
         Task::Bench { name, args } => setup::run().and_then(|env| bench::run(&env, &name, &args)),
+        Task::Vm(args) => match setup::run().and_then(|env| vm::main(&env, &args)) {
+            Ok(0) => Ok(()),
+            Ok(rc) => return std::process::ExitCode::from(rc),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -16,6 +16,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests, the demo and later work use. `iputils-ping` and `procps` are
 /// small tools the demo and harness call; `protobuf-compiler` and `libprotobuf-dev` (well-known .proto files) build the etcd gRPC client.
+/// `qemu-system-x86` and `busybox-static` boot other kernels for `cargo xtask vm` (apt replaces
+/// the dynamic `busybox` with the static one, which the initramfs needs).
 const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
@@ -31,6 +33,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "protobuf-compiler",
     "libprotobuf-dev",
+    "qemu-system-x86",
+    "busybox-static",
 ];
 
 pub fn run() -> anyhow::Result<Env> {

@@ -33,6 +33,9 @@ pub const DEFAULT_TESTS: &[&str] = &[
     "verifier",
     // tc attach (netlink + clsact before 6.6, TCX after) with real packets, and TestRun.
     "counter",
+    // Socket LB (cgroup sock_addr programs, real connect()), policy with conntrack, flow
+    // events, restart from pins.
+    "datapath",
     // strait's WireGuard reconciler on the kernel backend, pod traffic through the tunnel.
     "wireguard::kernel_backend_carries_pod_traffic_through_the_tunnel",
 ];

@@ -90,6 +90,30 @@ async fn node_pod_cidrs_from(
     found
 }
 
+/// Health responder and prober on the node address. Without them remote clusters are never
+/// marked datapath-down; that is worth a warning, not a failed start (e.g. the port is taken).
+async fn start_health(
+    ip: std::net::IpAddr,
+    state: StateHandle,
+    metrics: Metrics,
+) -> Vec<AbortOnDrop> {
+    let addr = std::net::SocketAddr::new(ip, crate::health::HEALTH_PORT);
+    let mut tasks = Vec::new();
+    match crate::health::responder(addr).await {
+        Ok(t) => tasks.push(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "health responder not running: other nodes may take this node's cluster for down")
+        }
+    }
+    match crate::health::prober(ip, state, metrics, Default::default()).await {
+        Ok(t) => tasks.push(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "health prober not running: remote cluster loss is only seen through the kvstore")
+        }
+    }
+    tasks
+}
+
 /// Starts the local endpoint manager: this node's pods get identities, published ipcache
 /// entries and, with the datapath, their policy. Runs until the returned tasks are dropped.
 async fn start_endpoints(
@@ -215,6 +239,7 @@ pub async fn run(
         pod_cidrs,
         wireguard_pubkey: encryption.as_ref().map(|e| e.public_key()),
     };
+    let _health = start_health(node.internal_ip, state.clone(), metrics.clone()).await;
     let _endpoints = match &local_source {
         Some(source) => Some(
             start_endpoints(
@@ -314,6 +339,11 @@ pub async fn run(
                 cluster_mesh: ClusterMeshStatus {
                     clusters: mesh.statuses(),
                     num_global_services: model.service_views().iter().filter(|s| s.global).count(),
+                    datapath_down: model
+                        .clusters()
+                        .filter(|c| c.datapath_down)
+                        .map(|c| c.name.to_string())
+                        .collect(),
                 },
                 encryption,
                 datapath,

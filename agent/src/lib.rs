@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod endpoints;
 pub mod error;
+pub mod health;
 pub mod k8s;
 pub mod kvstore;
 pub mod metrics;

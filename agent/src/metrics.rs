@@ -70,6 +70,7 @@ pub struct Metrics {
     pub remote_objects: Family<ObjectLabels, Gauge>,
     pub remote_failures: Family<ClusterLabels, Counter>,
     pub remote_last_failure: Family<ClusterLabels, Gauge>,
+    pub remote_datapath_up: Family<ClusterLabels, Gauge>,
     pub datapath_drops: Family<ReasonLabels, Gauge>,
     pub datapath_map_errors: Family<MapLabels, Counter>,
     pub datapath_map_entries: Family<MapLabels, Gauge>,
@@ -89,6 +90,7 @@ impl Metrics {
         let (remote_failures, remote_last_failure) = (Family::default(), Family::default());
         let (datapath_drops, datapath_map_errors, datapath_map_entries) =
             (Family::default(), Family::default(), Family::default());
+        let remote_datapath_up = Family::default();
         let mut registry = Registry::with_prefix("strait");
         registry.register(
             "kvstore_rejected",
@@ -126,6 +128,11 @@ impl Metrics {
             remote_last_failure.clone(),
         );
         registry.register(
+            "remote_cluster_datapath_up",
+            "1 while some node of the remote cluster answers health probes",
+            remote_datapath_up.clone(),
+        );
+        registry.register(
             "datapath_drops",
             "packets and connections the datapath dropped, by reason (kernel per-CPU counters, \
              summed; they only grow while the pinned maps live)",
@@ -150,6 +157,7 @@ impl Metrics {
             remote_objects,
             remote_failures,
             remote_last_failure,
+            remote_datapath_up,
             datapath_drops,
             datapath_map_errors,
             datapath_map_entries,

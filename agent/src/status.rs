@@ -40,6 +40,10 @@ pub struct LocalStatus {
 pub struct ClusterMeshStatus {
     pub clusters: Vec<RemoteClusterStatus>,
     pub num_global_services: usize,
+    /// Remote clusters whose nodes all stopped answering health probes: their backends are
+    /// out of every global service until one answers again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datapath_down: Vec<String>,
 }
 
 impl AgentStatus {
@@ -112,6 +116,12 @@ impl AgentStatus {
             );
             if let Some(error) = &r.error {
                 let _ = writeln!(out, "   └  error: {error}");
+            }
+            if mesh.datapath_down.contains(&r.name) {
+                let _ = writeln!(
+                    out,
+                    "   └  datapath: down (no node answers health probes; backends not used)"
+                );
             }
         }
         match &self.datapath {

@@ -163,6 +163,10 @@ pub struct RouteReconciler {
     connection: tokio::task::JoinHandle<()>,
     /// Conditions already logged, so a persistent problem is reported once, not per pass.
     logged: HashSet<String>,
+    /// Whether every source has listed once. Before that, routes missing from the plan may
+    /// only be not synced yet (a restarted agent starts from an empty model while the routes
+    /// of the previous run still carry traffic): they are kept, as peers are.
+    synced: bool,
 }
 
 impl Drop for RouteReconciler {
@@ -190,7 +194,16 @@ impl RouteReconciler {
             handle,
             connection,
             logged: HashSet::new(),
+            synced: true,
         })
+    }
+
+    /// Tells the reconciler whether the model is complete (every source listed once). While
+    /// it is not, routes the plan does not name are left in place instead of deleted, so an
+    /// agent restart does not cut traffic to remote pod CIDRs until the mesh has synced
+    /// again (strict mode would otherwise answer `unreachable` meanwhile). Default: synced.
+    pub fn set_synced(&mut self, synced: bool) {
+        self.synced = synced;
     }
 
     pub fn config(&self) -> &RoutingConfig {
@@ -272,6 +285,9 @@ impl RouteReconciler {
             for route in have {
                 if keep && route.priority == 0 {
                     continue;
+                }
+                if !keep && !self.synced {
+                    continue; // maybe just not synced yet: removed after the first full sync
                 }
                 match self.delete(&route).await {
                     Ok(()) => {

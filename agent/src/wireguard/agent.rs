@@ -207,6 +207,7 @@ async fn run(
             Err(e) => errors.push(format!("peer reconcile task: {e}")),
         }
         // Routes even when the peers failed: strict mode must still fail closed.
+        routes.set_synced(is_synced);
         let route_count = match routes.reconcile(&plan.route_inputs()).await {
             Ok(r) => {
                 if r.added + r.replaced + r.removed > 0 {

@@ -35,7 +35,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use strait::{netns::NetnsGuard, status::AgentStatus};
 
-use crate::datapath::{BackendServer, EchoServer, Probe, sockprobe_exe};
+use crate::datapath::{BackendServer, EchoServer, Probe};
 
 /// WireGuard's port (strait's constant, Cilium's too).
 pub const WG_PORT: u16 = strait::constants::WIREGUARD_PORT;
@@ -190,10 +190,14 @@ const DB_PORT: u16 = 5432;
 const MARS_ID: u32 = 3;
 const MARS_CP_LINK: u8 = 30;
 const MARS_NODE_LINK: u8 = 31;
-const MARS_POD_CIDR: &str = "10.1.200.0/24";
+/// mars reused usa's 10.1.0.0/16 cluster pool: its first node got a /24 usa-1 has too.
+const MARS_POD_CIDR: &str = "10.1.1.0/24";
 
 fn cluster(name: &str) -> &'static ClusterDef {
-    CLUSTERS.iter().find(|c| c.name == name).expect("known cluster")
+    CLUSTERS
+        .iter()
+        .find(|c| c.name == name)
+        .expect("known cluster")
 }
 fn node_def(name: &str) -> &'static NodeDef {
     NODES.iter().find(|n| n.name == name).expect("known node")
@@ -348,7 +352,10 @@ fn cgroup2_mount() -> anyhow::Result<PathBuf> {
 }
 
 fn run_ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
     ensure!(
         out.status.success(),
         "`ip {}` failed: {}",
@@ -600,7 +607,8 @@ impl Mesh {
         let tag = (std::process::id() % 100_000).to_string();
         let dir = std::env::temp_dir().join(format!("strait-e2e-{tag}"));
         let cgroup_root = cgroup2_mount()?.join(format!("strait-e2e-{tag}"));
-        let pin_root = PathBuf::from(strait::constants::BPFFS_ROOT).join(format!("strait-e2e-{tag}"));
+        let pin_root =
+            PathBuf::from(strait::constants::BPFFS_ROOT).join(format!("strait-e2e-{tag}"));
         let mesh = Self {
             opts,
             tag,
@@ -741,7 +749,11 @@ impl Mesh {
                 &host_if,
             ])?;
             sysctl(&node_ns, &format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
-            sysctl(&node_ns, &format!("net.ipv4.neigh.{host_if}.proxy_delay"), "0")?;
+            sysctl(
+                &node_ns,
+                &format!("net.ipv4.neigh.{host_if}.proxy_delay"),
+                "0",
+            )?;
             let cg = self.pod_cgroup(p);
             std::fs::create_dir(&cg)?;
             self.res().cgroups.push(cg);
@@ -888,7 +900,10 @@ impl Mesh {
         let cdir = self.cluster_dir(cluster);
         std::fs::write(
             cdir.join("kvstoremesh.d").join(remote),
-            format!("endpoints:\n- http://{}:2379\n", underlay_ip(remote_cp_link)),
+            format!(
+                "endpoints:\n- http://{}:2379\n",
+                underlay_ip(remote_cp_link)
+            ),
         )?;
         std::fs::copy(
             cdir.join("etcd.yaml"),
@@ -1234,7 +1249,10 @@ pub fn run(opts: Options, on_mesh: impl FnOnce(Arc<Mutex<Resources>>)) -> Report
             Err(e) => {
                 println!("    FAIL ({:.1}s): {e}", t.elapsed().as_secs_f64());
                 for name in ["agent-usa-1", "agent-europe-1", "agent-europe-2"] {
-                    println!("    --- last lines of {name}.log\n{}", mesh.log_tail(name, 12));
+                    println!(
+                        "    --- last lines of {name}.log\n{}",
+                        mesh.log_tail(name, 12)
+                    );
                 }
             }
         }
@@ -1252,7 +1270,21 @@ pub fn run(opts: Options, on_mesh: impl FnOnce(Arc<Mutex<Resources>>)) -> Report
     report.failback_remote_to_local = ctx.failback;
     report.cluster_loss_failover = ctx.cluster_loss;
     report.status_transcript = ctx.transcript;
-    banner("cleaning up", "processes, namespaces, cgroups, pins", narrate);
+    if let Some(keep) = std::env::var_os("STRAIT_E2E_KEEP_LOGS") {
+        let keep = PathBuf::from(keep);
+        let _ = std::fs::create_dir_all(&keep);
+        if let Ok(entries) = std::fs::read_dir(mesh.dir.join("logs")) {
+            for e in entries.flatten() {
+                let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+            }
+        }
+        println!("    logs kept in {}", keep.display());
+    }
+    banner(
+        "cleaning up",
+        "processes, namespaces, cgroups, pins",
+        narrate,
+    );
     drop(mesh);
     report.total = started.elapsed();
     report
@@ -1350,16 +1382,39 @@ impl Capture {
     }
 }
 
-/// Classifies captured underlay packets: WireGuard between nodes, control-plane traffic (a
-/// node or control plane talking to an etcd on 2379), or a violation. Returns (wireguard,
-/// control plane) counts.
-fn check_underlay(lines: &[String], nodes: &[Ipv4Addr]) -> Result<(usize, usize), String> {
+/// Underlay packet counts by kind.
+#[derive(Debug, Default, Clone, Copy)]
+struct UnderlayCounts {
+    wireguard: usize,
+    /// Node or control plane talking to an etcd (port 2379).
+    control_plane: usize,
+    /// strait's remote-datapath health probes between node addresses (UDP 4241): node
+    /// addresses and a magic only, no pod address.
+    health: usize,
+}
+
+/// Classifies captured underlay packets: WireGuard between nodes, control-plane etcd traffic,
+/// health probes between nodes, or a violation (anything else, and any packet naming a pod or
+/// service address).
+fn check_underlay(lines: &[String], nodes: &[Ipv4Addr]) -> Result<UnderlayCounts, String> {
     let wg: Vec<String> = nodes.iter().map(|ip| format!("{ip}.{WG_PORT}")).collect();
-    let (mut n_wg, mut n_cp) = (0, 0);
+    let health: Vec<String> = nodes
+        .iter()
+        .map(|ip| format!("{ip}.{}", strait::health::HEALTH_PORT))
+        .collect();
+    // An address with or without a port (`198.18.11.2.4241`, `198.18.11.2`).
+    let node_addr = |a: &str| {
+        nodes
+            .iter()
+            .any(|ip| a == ip.to_string() || a.starts_with(&format!("{ip}.")))
+    };
+    let mut counts = UnderlayCounts::default();
     for line in lines {
         let packet = line.split_once(' ').map_or(line.as_str(), |(_, p)| p);
         if packet.contains(" 10.") || packet.starts_with("10.") {
-            return Err(format!("a pod or service address crossed the underlay in clear: {line}"));
+            return Err(format!(
+                "a pod or service address crossed the underlay in clear: {line}"
+            ));
         }
         if packet.contains("ARP, ") {
             continue;
@@ -1373,15 +1428,32 @@ fn check_underlay(lines: &[String], nodes: &[Ipv4Addr]) -> Result<(usize, usize)
             w.next(),
             w.next().unwrap_or("").trim_end_matches(':'),
         );
-        if wg.iter().any(|e| e == src) && wg.iter().any(|e| e == dst) && rest.contains("UDP") {
-            n_wg += 1;
+        let udp = rest.contains("UDP");
+        if wg.iter().any(|e| e == src) && wg.iter().any(|e| e == dst) && udp {
+            counts.wireguard += 1;
         } else if src.ends_with(".2379") || dst.ends_with(".2379") {
-            n_cp += 1;
+            counts.control_plane += 1;
+        } else if (udp
+            && node_addr(src)
+            && node_addr(dst)
+            && (health.iter().any(|h| h == src) || health.iter().any(|h| h == dst)))
+            || (rest.contains("ICMP")
+                && node_addr(src)
+                && node_addr(dst)
+                && rest.contains(&format!(
+                    "udp port {} unreachable",
+                    strait::health::HEALTH_PORT
+                )))
+        {
+            // A probe, its answer, or the kernel's "port unreachable" while an agent restarts.
+            counts.health += 1;
         } else {
-            return Err(format!("neither WireGuard nor control-plane traffic: {line}"));
+            return Err(format!(
+                "neither WireGuard, control-plane nor health-probe traffic: {line}"
+            ));
         }
     }
-    Ok((n_wg, n_cp))
+    Ok(counts)
 }
 
 impl Mesh {
@@ -1462,13 +1534,7 @@ impl Mesh {
         self.say("    removing every usa backend from payment-api's EndpointSlice …");
         let t0 = Instant::now();
         self.set_payment_backends(USA, Vec::new())?;
-        let failover = self.time_until(
-            "frontend",
-            vip,
-            EUROPE,
-            Duration::from_secs(10),
-            t0,
-        )?;
+        let failover = self.time_until("frontend", vip, EUROPE, Duration::from_secs(10), t0)?;
         ctx.failover = Some(failover);
         let after = by_cluster(&self.probe("frontend", vip, 20));
         ensure!(
@@ -1645,7 +1711,8 @@ impl Mesh {
                 break;
             }
         }
-        let ready_after = ready_after.context("the restarted usa-1 agent did not sync within 60 s")?;
+        let ready_after =
+            ready_after.context("the restarted usa-1 agent did not sync within 60 s")?;
         echo(&mut long, b"after the restart").context("long-lived connection after the restart")?;
         ensure!(
             failed.is_empty(),
@@ -1663,7 +1730,8 @@ impl Mesh {
     fn step7_overlap(&self, _ctx: &mut Ctx) -> anyhow::Result<String> {
         self.say(&format!(
             "    cluster-mars (id {MARS_ID}): its own etcd and kvstoremesh, one node with pod CIDR \
-             {MARS_POD_CIDR} (inside usa's 10.1.0.0/16); connecting it to usa …"
+             {MARS_POD_CIDR} (mars reused usa's 10.1.0.0/16; usa-1 has that /24); connecting it \
+             to usa …"
         ));
         self.control_plane(MARS, MARS_ID, MARS_CP_LINK)?;
         self.start_kvstoremesh(MARS, Some(MARS_ID))?;
@@ -1690,7 +1758,12 @@ impl Mesh {
             Duration::from_secs(30),
             || {
                 let s = self.status("usa-1")?;
-                let mars = s.cluster_mesh.clusters.iter().find(|c| c.name == MARS).cloned();
+                let mars = s
+                    .cluster_mesh
+                    .clusters
+                    .iter()
+                    .find(|c| c.name == MARS)
+                    .cloned();
                 match mars {
                     Some(m)
                         if m.error.as_deref().is_some_and(|e| {
@@ -1714,15 +1787,25 @@ impl Mesh {
         // The mesh keeps working.
         let vip = SocketAddr::from((cluster(USA).payment_vip, PAYMENT_PORT));
         let p = by_cluster(&self.probe("frontend", vip, 5));
-        ensure!(p.get(USA) == Some(&5), "usa payment-api after the refusal: {p:?}");
-        let cross = self.probe("frontend", SocketAddr::from((pod_def("pay-c").ip, PAYMENT_PORT)), 3);
+        ensure!(
+            p.get(USA) == Some(&5),
+            "usa payment-api after the refusal: {p:?}"
+        );
+        let cross = self.probe(
+            "frontend",
+            SocketAddr::from((pod_def("pay-c").ip, PAYMENT_PORT)),
+            3,
+        );
         ensure!(
             cross.iter().all(|p| matches!(p, Probe::Ok { .. })),
             "usa → europe after the refusal: {cross:?}"
         );
         let eu = self.status("europe-1").map_err(anyhow::Error::msg)?;
         ensure!(
-            eu.cluster_mesh.clusters.iter().any(|c| c.name == USA && c.ready),
+            eu.cluster_mesh
+                .clusters
+                .iter()
+                .any(|c| c.name == USA && c.ready),
             "europe-1 lost usa: {eu:?}"
         );
         // Disconnect mars again (its cache drains) so the rest runs on the two clusters.
@@ -1735,23 +1818,37 @@ impl Mesh {
     }
 
     fn step5_encryption(&self, ctx: &mut Ctx) -> anyhow::Result<String> {
-        let nodes: Vec<Ipv4Addr> = NODES.iter().map(|n| underlay_ip(n.link)).collect();
+        // mars' node too: usa's agents probe it while it is connected (refused or not).
+        let nodes: Vec<Ipv4Addr> = NODES
+            .iter()
+            .map(|n| underlay_ip(n.link))
+            .chain([underlay_ip(MARS_NODE_LINK)])
+            .collect();
         let mut out = Vec::new();
-        let (mut wg, mut cp) = (0, 0);
+        let mut total = UnderlayCounts::default();
         for capture in ctx.captures.drain(..) {
             let iface = capture.iface.clone();
             let lines = capture.finish()?;
-            let (w, c) = check_underlay(&lines, &nodes)
+            let c = check_underlay(&lines, &nodes)
                 .map_err(|e| anyhow::anyhow!("underlay link {iface}: {e}"))?;
-            ensure!(w > 0, "no WireGuard packet at all on {iface}");
-            out.push(format!("{iface}: {w} wg + {c} etcd"));
-            wg += w;
-            cp += c;
+            ensure!(c.wireguard > 0, "no WireGuard packet at all on {iface}");
+            out.push(format!(
+                "{iface}: {} wg, {} etcd, {} health",
+                c.wireguard, c.control_plane, c.health
+            ));
+            total.wireguard += c.wireguard;
+            total.control_plane += c.control_plane;
+            total.health += c.health;
         }
-        println!("    captured on the router: {}", out.join(", "));
+        println!("    captured on the router: {}", out.join("; "));
         Ok(format!(
-            "{wg} WireGuard packets (UDP {WG_PORT}) between nodes, {cp} control-plane etcd \
-             packets, 0 packets with a pod or service address in clear"
+            "{} WireGuard packets (UDP {WG_PORT}) between nodes, {} control-plane etcd packets, \
+             {} health probes (UDP {}, node addresses only), 0 packets with a pod or service \
+             address in clear",
+            total.wireguard,
+            total.control_plane,
+            total.health,
+            strait::health::HEALTH_PORT
         ))
     }
 
@@ -1784,10 +1881,13 @@ impl Mesh {
         echo(&mut long, b"still there").context("connection across the kvstore outage")?;
         self.start_etcd(USA, cluster(USA).cp_link)?;
         ensure!(
-            during.get(USA).is_some_and(|n| *n > 0) && during.keys().all(|k| !k.starts_with("error")),
+            during.get(USA).is_some_and(|n| *n > 0)
+                && during.keys().all(|k| !k.starts_with("error")),
             "a kvstore disconnect must not remove usa backends or fail connections: {during:?}"
         );
-        self.say(&format!("    during the etcd outage: {during:?}; the long-lived connection survived"));
+        self.say(&format!(
+            "    during the etcd outage: {during:?}; the long-lived connection survived"
+        ));
 
         // (b) usa gone: agents, kvstoremesh, etcd, underlay.
         self.say("    stopping every usa agent, usa's kvstoremesh and etcd, taking usa's underlay down …");
@@ -1865,7 +1965,10 @@ impl Mesh {
             },
         )?;
         let restored = back.elapsed();
-        println!("    usa restored: europe reaches usa backends again after {:.1}s", restored.as_secs_f64());
+        println!(
+            "    usa restored: europe reaches usa backends again after {:.1}s",
+            restored.as_secs_f64()
+        );
         match result {
             Ok(t) => Ok(format!(
                 "kvstore outage removed nothing; usa loss → europe-only in {:.0} ms; restored in {:.1}s",
@@ -1891,7 +1994,10 @@ fn mesh_complete(n: &NodeDef, s: &AgentStatus) -> Result<(), String> {
     }
     let local_pods = PODS.iter().filter(|p| pod_cluster(p) == n.cluster).count();
     if c.num_endpoints != local_pods {
-        return Err(format!("local endpoints {} != {local_pods}", c.num_endpoints));
+        return Err(format!(
+            "local endpoints {} != {local_pods}",
+            c.num_endpoints
+        ));
     }
     let Some(r) = s.cluster_mesh.clusters.iter().find(|r| r.name == other) else {
         return Err(format!("{other} not listed"));

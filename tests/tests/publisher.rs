@@ -67,9 +67,10 @@ async fn concurrent_allocations_of_the_same_labels_settle_on_one_identity() {
             "round {round}: one label set, several identities {ids:?}"
         );
         // Exactly one master key holds these labels, and every node references it.
-        let sorted = labels(&app)
-            .to_sorted_list()
-            .replace("k8s:io.kubernetes", "k8s:io.cilium.k8s.policy.cluster=cluster-usa;k8s:io.kubernetes");
+        let sorted = labels(&app).to_sorted_list().replace(
+            "k8s:io.kubernetes",
+            "k8s:io.cilium.k8s.policy.cluster=cluster-usa;k8s:io.kubernetes",
+        );
         let masters = client
             .list_prefix("cilium/state/identities/v1/id/")
             .await

@@ -796,7 +796,11 @@ fn routes_of_a_previous_run_are_kept_until_the_first_full_sync() {
     // The restart: empty model, not synced yet. Nothing is removed.
     let mut second = reconciler(false);
     rt.block_on(second.reconcile(&empty)).unwrap();
-    assert_eq!(routes(), installed, "routes removed before the first full sync");
+    assert_eq!(
+        routes(),
+        installed,
+        "routes removed before the first full sync"
+    );
     // Synced, and the node is really gone: now its route goes.
     second.set_synced(true);
     rt.block_on(second.reconcile(&empty)).unwrap();

@@ -12,7 +12,6 @@ pub mod services;
 #[cfg(test)]
 mod replay_tests;
 
-
 pub use api::ApiSource;
 pub use manifests::ManifestsSource;
 pub use objects::Objects;

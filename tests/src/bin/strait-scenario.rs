@@ -25,7 +25,10 @@ fn main() -> std::process::ExitCode {
     let report = e2e::run(opts, |resources| {
         let installed = ctrlc::set_handler(move || {
             eprintln!("\ninterrupted: removing processes, namespaces, cgroups and pins");
-            resources.lock().unwrap_or_else(|e| e.into_inner()).cleanup();
+            resources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .cleanup();
             std::process::exit(130);
         });
         if let Err(e) = installed {

@@ -426,7 +426,10 @@ pub struct StepReport {
 #[derive(Debug, Default, Clone)]
 pub struct Report {
     pub steps: Vec<StepReport>,
+    /// Namespaces, cgroups, etcds and processes created.
     pub build: Duration,
+    /// From then until every agent reported the whole mesh synced.
+    pub synced: Duration,
     pub total: Duration,
     pub failover_local_to_remote: Option<Duration>,
     pub failback_remote_to_local: Option<Duration>,
@@ -449,8 +452,9 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "  mesh built in {:.1}s, scenario total {:.1}s",
+            "  mesh built in {:.1}s, synced {:.1}s later; scenario total {:.1}s",
             self.build.as_secs_f64(),
+            self.synced.as_secs_f64(),
             self.total.as_secs_f64()
         );
         out
@@ -634,6 +638,11 @@ impl Mesh {
         }
         mesh.manifests()?;
         for c in &CLUSTERS {
+            mesh.say(&format!(
+                "    {}: strait kvstoremesh --cluster-id {} (mirrors the other cluster's etcd into \
+                 its own, exports its global services)",
+                c.name, c.id
+            ));
             mesh.start_kvstoremesh(c.name, Some(c.id))?;
         }
         for n in &NODES {
@@ -1011,6 +1020,11 @@ impl Mesh {
 
     fn start_agent(&self, node: &str) -> anyhow::Result<()> {
         let config = self.node_dir(node).join("agent.yaml");
+        self.say(&format!(
+            "    {node}: strait agent --config {} (in network namespace {})",
+            config.display(),
+            self.ns(node)
+        ));
         self.spawn(
             &format!("agent-{node}"),
             &self.ns(node),
@@ -1176,7 +1190,14 @@ pub fn run(opts: Options, on_mesh: impl FnOnce(Arc<Mutex<Resources>>)) -> Report
     let resources = Arc::new(Mutex::new(Resources::default()));
     on_mesh(resources.clone());
     let mesh = match Mesh::build(opts, resources) {
-        Ok(m) => m,
+        Ok(m) => {
+            report.build = started.elapsed();
+            println!(
+                "    namespaces, cgroups, etcds and processes up in {:.1}s",
+                report.build.as_secs_f64()
+            );
+            m
+        }
         Err(e) => {
             report.steps.push(StepReport {
                 step: 0,
@@ -1239,6 +1260,12 @@ pub fn run(opts: Options, on_mesh: impl FnOnce(Arc<Mutex<Resources>>)) -> Report
             Mesh::step3_cluster_loss,
         ),
     ];
+    if narrate {
+        println!(
+            "\n    The steps run in the order 1, 2, 4, 6, 7, 5, 3: the underlay capture of step 5 \
+             spans everything before it, and step 3 takes a whole cluster down, so it comes last."
+        );
+    }
     let mut ctx = Ctx::default();
     for (n, title, proves, f) in steps {
         banner(&format!("step {n}: {title}"), proves, narrate);
@@ -1265,7 +1292,7 @@ pub fn run(opts: Options, on_mesh: impl FnOnce(Arc<Mutex<Resources>>)) -> Report
             break; // nothing else can work without the mesh
         }
     }
-    report.build = ctx.build;
+    report.synced = ctx.synced;
     report.failover_local_to_remote = ctx.failover;
     report.failback_remote_to_local = ctx.failback;
     report.cluster_loss_failover = ctx.cluster_loss;
@@ -1295,7 +1322,7 @@ type StepFn = fn(&Mesh, &mut Ctx) -> anyhow::Result<String>;
 /// State carried between steps.
 #[derive(Default)]
 struct Ctx {
-    build: Duration,
+    synced: Duration,
     captures: Vec<Capture>,
     failover: Option<Duration>,
     failback: Option<Duration>,
@@ -1487,7 +1514,7 @@ impl Mesh {
                 Ok(Some(all))
             },
         )?;
-        ctx.build = start.elapsed();
+        ctx.synced = start.elapsed();
         let mut transcript = String::new();
         for n in &NODES {
             let _ = writeln!(
@@ -1516,7 +1543,7 @@ impl Mesh {
         );
         Ok(format!(
             "4 agents synced {:.1}s after start-up; usa frontend → europe pay-c over WireGuard",
-            ctx.build.as_secs_f64()
+            ctx.synced.as_secs_f64()
         ))
     }
 

@@ -801,6 +801,19 @@ fn routes_of_a_previous_run_are_kept_until_the_first_full_sync() {
         installed,
         "routes removed before the first full sync"
     );
+    // A node this run learns and then sees deleted loses its route at once, synced or not.
+    let learned = RouteInputs {
+        encrypted: vec![("10.3.0.0/24".parse().unwrap(), "c3/node-c".into())],
+        ..empty.clone()
+    };
+    rt.block_on(second.reconcile(&learned)).unwrap();
+    assert!(routes().iter().any(|r| r.starts_with("10.3.0.0/24 dev")));
+    rt.block_on(second.reconcile(&empty)).unwrap();
+    assert_eq!(
+        routes(),
+        installed,
+        "a deleted node's route must go before sync too"
+    );
     // Synced, and the node is really gone: now its route goes.
     second.set_synced(true);
     rt.block_on(second.reconcile(&empty)).unwrap();

@@ -163,10 +163,13 @@ pub struct RouteReconciler {
     connection: tokio::task::JoinHandle<()>,
     /// Conditions already logged, so a persistent problem is reported once, not per pass.
     logged: HashSet<String>,
-    /// Whether every source has listed once. Before that, routes missing from the plan may
-    /// only be not synced yet (a restarted agent starts from an empty model while the routes
-    /// of the previous run still carry traffic): they are kept, as peers are.
+    /// Whether every source has listed once. Before that, a route missing from the plan that
+    /// this reconciler never planned may only be not synced yet (a restarted agent starts from
+    /// an empty model while the routes of the previous run still carry traffic): it is kept,
+    /// as unknown peers are. Routes of nodes this run knew and saw deleted go at once.
     synced: bool,
+    /// Every prefix a plan of this run contained.
+    planned: HashSet<IpNet>,
 }
 
 impl Drop for RouteReconciler {
@@ -195,13 +198,15 @@ impl RouteReconciler {
             connection,
             logged: HashSet::new(),
             synced: true,
+            planned: HashSet::new(),
         })
     }
 
     /// Tells the reconciler whether the model is complete (every source listed once). While
-    /// it is not, routes the plan does not name are left in place instead of deleted, so an
-    /// agent restart does not cut traffic to remote pod CIDRs until the mesh has synced
-    /// again (strict mode would otherwise answer `unreachable` meanwhile). Default: synced.
+    /// it is not, routes the plan does not name and this run never planned are left in place
+    /// instead of deleted, so an agent restart does not cut traffic to remote pod CIDRs until
+    /// the mesh has synced again (strict mode would otherwise answer `unreachable`
+    /// meanwhile). Default: synced.
     pub fn set_synced(&mut self, synced: bool) {
         self.synced = synced;
     }
@@ -239,6 +244,7 @@ impl RouteReconciler {
         }
         report.skipped = plan.skipped.clone();
         report.desired = plan.routes.len();
+        self.planned.extend(plan.routes.keys().copied());
 
         let installed = self.owned_routes().await?;
         let mut first_error = None;
@@ -286,7 +292,7 @@ impl RouteReconciler {
                 if keep && route.priority == 0 {
                     continue;
                 }
-                if !keep && !self.synced {
+                if !keep && !self.synced && !self.planned.contains(&prefix) {
                     continue; // maybe just not synced yet: removed after the first full sync
                 }
                 match self.delete(&route).await {

@@ -675,3 +675,50 @@ fn pods_policy_observe_and_restart_from_pins() {
     server.abort();
     drop(dp2);
 }
+
+/// Strict encryption, made visible: a new flow from a pod to a remote pod CIDR that has no
+/// WireGuard peer is dropped with its own reason and event; a CIDR with a peer passes.
+#[test]
+fn strict_encryption_drops_show_as_flow_events() {
+    require_privileges();
+    let mut rig = PolicyRig::new(&[("10.2.1.7/32", ipc(3000, 2)), ("10.3.1.7/32", ipc(4000, 3))]);
+    let mut guard = strait::datapath::guard::GuardWriter::new(
+        rig.dp.take_map(names::MAP_ENCRYPT_GUARD).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        guard.sync(&[
+            ("10.2.1.0/24".parse().unwrap(), true),
+            ("10.3.1.0/24".parse().unwrap(), false),
+        ]),
+        0
+    );
+    rig.policy
+        .set_endpoint(&EndpointSpec {
+            ifindex: LO,
+            address: "10.1.1.5".parse().unwrap(),
+            identity: 1000,
+            policy: EndpointPolicy::default(),
+        })
+        .unwrap();
+    assert_eq!(
+        rig.run(true, &frame(sa("10.1.1.5:40000"), sa("10.2.1.7:5432"), 6)),
+        TC_ACT_OK,
+        "a peer exists: the flow goes into the tunnel"
+    );
+    assert_eq!(
+        rig.run(true, &frame(sa("10.1.1.5:40001"), sa("10.3.1.7:5432"), 6)),
+        TC_ACT_SHOT,
+        "no peer: never in clear"
+    );
+    let events = rig.events();
+    let e = events
+        .iter()
+        .find(|e| e.verdict == VERDICT_DROPPED)
+        .expect("a drop event");
+    assert_eq!(e.reason, DropReason::NoEncryptionPeer as u8);
+    assert_eq!(
+        (e.src_identity, e.dst_identity, e.remote_cluster_id),
+        (1000, 4000, 3)
+    );
+}

@@ -2,6 +2,7 @@
 
 pub mod counter;
 pub mod flows;
+pub mod guard;
 pub mod ipcache;
 pub mod lb;
 pub mod loader;

@@ -134,6 +134,10 @@ pub struct RouteReport {
     pub skipped: Vec<String>,
     /// Device MTU after the reconcile.
     pub device_mtu: Option<u32>,
+    /// Every planned prefix and whether it goes into the device (true) or is strict mode's
+    /// `unreachable` (false): the datapath's encryption guard mirrors it for flow events.
+    #[serde(skip)]
+    pub guard: Vec<(IpNet, bool)>,
 }
 
 /// One route strait installed earlier (protocol [`RTPROT_STRAIT`]), as read back.
@@ -226,6 +230,11 @@ impl RouteReconciler {
         }
         report.skipped = plan.skipped.clone();
         report.desired = plan.routes.len();
+        report.guard = plan
+            .routes
+            .values()
+            .map(|r| (r.prefix, matches!(r.target, RouteTarget::Device { .. })))
+            .collect();
 
         let installed = self.owned_routes().await?;
         let mut first_error = None;

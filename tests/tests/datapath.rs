@@ -722,3 +722,65 @@ fn strict_encryption_drops_show_as_flow_events() {
         (1000, 4000, 3)
     );
 }
+
+/// A full map is a clear, per-service error (and the rest keeps working), never silent loss.
+#[test]
+fn a_full_service_map_is_reported_per_service_and_the_rest_is_programmed() {
+    require_privileges();
+    let sizes = MapSizes {
+        lb_services: 4,
+        ..Default::default()
+    };
+    let mut dp = Datapath::load(None, &sizes).expect("loading the datapath");
+    let mut lbw = LbWriter::new(
+        dp.take_map(names::MAP_LB4_SERVICES).unwrap(),
+        dp.take_map(names::MAP_LB4_BACKENDS).unwrap(),
+        dp.take_map(names::MAP_LB4_REVNAT).unwrap(),
+        sizes,
+    )
+    .unwrap();
+    let backend = lb::BackendAddr {
+        address: "10.1.0.11".parse().unwrap(),
+        port: 8080,
+        proto: 6,
+        cluster_id: 1,
+    };
+    // Three services of two entries each (frontend + one slot) into a 4-entry map.
+    let desired: BTreeMap<lb::Frontend, lb::DesiredService> = (1..=3u8)
+        .map(|i| {
+            (
+                lb::Frontend {
+                    address: Ipv4Addr::new(10, 96, 0, i),
+                    port: 80,
+                    proto: 6,
+                },
+                lb::DesiredService {
+                    global: false,
+                    active: vec![backend],
+                    terminating: vec![],
+                },
+            )
+        })
+        .collect();
+    let report = lbw.sync(&desired, true);
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    let (frontend, why) = &report.failed[0];
+    assert_eq!(frontend.address, Ipv4Addr::new(10, 96, 0, 3));
+    assert!(why.contains("LB4_SERVICES is full (4 entries)"), "{why}");
+    // The services that fit are translated.
+    for i in 1..=2u8 {
+        let syn = frame(
+            sa("10.1.0.99:40000"),
+            SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, i), 80),
+            6,
+        );
+        let prog = dp.lb_test_program().unwrap();
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&syn);
+        assert_eq!(
+            prog.test_run(opts).unwrap().return_value,
+            XDP_TX,
+            "service {i}"
+        );
+    }
+}

@@ -57,6 +57,11 @@ pub enum DatapathError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("no interface named {0}")]
     NoInterface(String),
     #[error("{0}")]

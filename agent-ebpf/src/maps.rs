@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use strait_common::{
-    flow::{CONFIG_SLOTS, DEFAULT_FLOW_RING_BYTES, DropReason},
+    flow::{CONFIG_SLOTS, DEFAULT_FLOW_RING_BYTES, DEFAULT_GUARD_MAX, DropReason},
     ipcache::{DEFAULT_IPCACHE_MAX, IpcacheValue},
     lb::{
         DEFAULT_LB_BACKENDS_MAX, DEFAULT_LB_REVNAT_MAX, DEFAULT_LB_SERVICES_MAX,
@@ -58,6 +58,10 @@ pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_FLOW_RING_BYTE
 
 #[map(name = "DROP_COUNTERS")]
 pub static DROP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+
+#[map(name = "ENCRYPT_GUARD4")]
+pub static ENCRYPT_GUARD4: LpmTrie<u32, u32> =
+    LpmTrie::with_max_entries(DEFAULT_GUARD_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "DP_CONFIG")]
 pub static DP_CONFIG: Array<u32> = Array::with_max_entries(CONFIG_SLOTS, 0);

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use strait_common::{
     ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
     flow::{
-        CONFIG_FLAG_TRACE_ALLOWED, DropReason, FLOW_FLAG_REMOTE_UNKNOWN, FlowEvent,
+        CONFIG_FLAG_TRACE_ALLOWED, DropReason, FLOW_FLAG_REMOTE_UNKNOWN, FlowEvent, GUARD_NO_PEER,
         VERDICT_DROPPED, VERDICT_FORWARDED,
     },
     ipcache::IDENTITY_WORLD,
@@ -21,7 +21,9 @@ use strait_common::{
     },
 };
 
-use crate::maps::{CT4, ENDPOINTS, FLOW_EVENTS, IPCACHE4, POLICY, config_flags, count_drop};
+use crate::maps::{
+    CT4, ENCRYPT_GUARD4, ENDPOINTS, FLOW_EVENTS, IPCACHE4, POLICY, config_flags, count_drop,
+};
 
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
@@ -167,7 +169,14 @@ fn check_ipv4(
         Some(v) => (v.identity, v.cluster_id, false),
         None => (IDENTITY_WORLD, 0, true),
     };
-    let verdict = if enforced {
+    // Strict encryption, seen from the pod: a new flow to a remote pod CIDR that has no
+    // WireGuard peer would leave in clear. The route is `unreachable` anyway; dropping here
+    // makes it a flow event with a reason.
+    let no_peer = direction == DIR_EGRESS
+        && ENCRYPT_GUARD4.get(Key::new(32, daddr)).copied() == Some(GUARD_NO_PEER);
+    let verdict = if no_peer {
+        PolicyVerdict::NoMatch
+    } else if enforced {
         let lookup = |identity: u32| {
             POLICY
                 .get(Key::new(
@@ -226,6 +235,7 @@ fn check_ipv4(
             DropReason::CtMapFull
         }
         PolicyVerdict::DenyRule => DropReason::PolicyDenyRule,
+        PolicyVerdict::NoMatch if no_peer => DropReason::NoEncryptionPeer,
         PolicyVerdict::NoMatch => DropReason::PolicyDenied,
     };
     count_drop(reason);

@@ -211,6 +211,7 @@ pub async fn run(
             None
         }
     };
+    let mut guard_task = None;
     let encryption = if config.wireguard.enabled {
         let agent = EncryptionAgent::start(
             encryption_config(&config, &node_name)?,
@@ -222,6 +223,9 @@ pub async fn run(
             "starting WireGuard (set `wireguard: {enabled: false}` to run without encryption)",
         )?;
         tracing::info!(public_key = %agent.public_key(), "WireGuard encryption on");
+        if let Some(dp) = &datapath {
+            guard_task = dp.follow_encryption(agent.applied());
+        }
         Some(Arc::new(agent))
     } else {
         tracing::warn!(
@@ -362,6 +366,7 @@ pub async fn run(
         r = api_server => r.context("API server task")?.context("API server")?,
         r = metrics_server => r.context("metrics task")?.context("metrics server")?,
     }
+    drop(guard_task);
     publisher.abort();
     sync_signal.abort();
     drop(mesh);

@@ -709,6 +709,19 @@ async fn wait_key(client: &EtcdClient, key: &str, present: bool) -> Option<Vec<u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_publishes_its_node_syncs_the_mesh_and_reports_status_over_its_api() {
+    strait_tests::require_privileges();
+    // The datapath too: socket LB on a child cgroup of ours, maps pinned in a directory of
+    // ours (removed at the end, which detaches the pinned links).
+    let cgroup = strait_tests::TestCgroup::new();
+    let pin_root =
+        std::path::PathBuf::from("/sys/fs/bpf").join(strait_tests::unique_name("strait-test-"));
+    struct RemovePins(std::path::PathBuf);
+    impl Drop for RemovePins {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _pins = RemovePins(pin_root.clone());
     let usa_etcd = EtcdServer::new();
     let c_usa = EtcdClient::connect(&usa_etcd.config()).await.unwrap();
     // Another node of our own cluster, published by its agent.
@@ -745,12 +758,14 @@ async fn agent_publishes_its_node_syncs_the_mesh_and_reports_status_over_its_api
     let yaml = format!(
         "cluster: {{name: cluster-usa, id: 1}}\nnode: {{name: usa-1, internalIP: 198.18.1.1, podCIDRs: [10.1.0.0/24]}}\n\
          kvstoreConfig: {}\nclustermeshConfigDir: {}\nstateDir: {}\napiSocket: {}\nmetricsAddress: 127.0.0.1:{metrics_port}\n\
-         wireguard: {{enabled: false}}\nmanifestsDir: {}\n",
+         wireguard: {{enabled: false}}\nmanifestsDir: {}\ndatapath: {{pinRoot: {}, cgroup: {}}}\n",
         kvstore.display(),
         mesh_dir.display(),
         dir.path().display(),
         socket.display(),
-        manifests.display()
+        manifests.display(),
+        pin_root.display(),
+        cgroup.path().display()
     );
     let config = strait::config::AgentConfig::parse(Path::new("agent.yaml"), &yaml).unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -808,6 +823,47 @@ async fn agent_publishes_its_node_syncs_the_mesh_and_reports_status_over_its_api
         assert!(cluster.get(field).is_some(), "missing {field} in {cluster}");
     }
     assert_eq!(cluster["config"]["cluster-id"], 2);
+
+    // The datapath is loaded, pinned, and programmed from the state model: the local
+    // payment-api frontend (global, affinity local) has no local backend, so europe's
+    // exported backend serves it.
+    let dp = status.datapath.as_ref().expect("datapath status");
+    assert_eq!(dp.cgroup, cgroup.path().display().to_string());
+    assert!(text.contains("Datapath:      eBPF"), "{text}");
+    let pins = strait::datapath::PinDir::new(&pin_root);
+    let open = |name| strait::datapath::open_pinned(&pins, name).unwrap();
+    let lb = {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let lb = strait::datapath::lb::list(
+                open(strait_common::names::MAP_LB4_SERVICES),
+                open(strait_common::names::MAP_LB4_BACKENDS),
+            )
+            .unwrap();
+            if !lb.is_empty() || tokio::time::Instant::now() > deadline {
+                break lb;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(lb.len(), 1, "{lb:?}");
+    assert_eq!(
+        (
+            lb[0].frontend.address.to_string(),
+            lb[0].frontend.port,
+            lb[0].global
+        ),
+        ("10.96.0.10".to_string(), 8080, true)
+    );
+    let backends: Vec<(String, u16, &str)> = lb[0]
+        .backends
+        .iter()
+        .map(|b| {
+            let a = b.backend.expect("backend entry");
+            (a.address.to_string(), a.cluster_id, b.state)
+        })
+        .collect();
+    assert_eq!(backends, [("10.2.0.5".to_string(), 2, "active")], "{lb:?}");
 
     // Our node is in our kvstore, as a Cilium agent in kvstore mode writes it.
     let node = wait_key(&c_usa, "cilium/state/nodes/v1/cluster-usa/usa-1", true)

@@ -675,3 +675,112 @@ fn pods_policy_observe_and_restart_from_pins() {
     server.abort();
     drop(dp2);
 }
+
+/// Strict encryption, made visible: a new flow from a pod to a remote pod CIDR that has no
+/// WireGuard peer is dropped with its own reason and event; a CIDR with a peer passes.
+#[test]
+fn strict_encryption_drops_show_as_flow_events() {
+    require_privileges();
+    let mut rig = PolicyRig::new(&[("10.2.1.7/32", ipc(3000, 2)), ("10.3.1.7/32", ipc(4000, 3))]);
+    let mut guard = strait::datapath::guard::GuardWriter::new(
+        rig.dp.take_map(names::MAP_ENCRYPT_GUARD).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        guard.sync(&[
+            ("10.2.1.0/24".parse().unwrap(), true),
+            ("10.3.1.0/24".parse().unwrap(), false),
+        ]),
+        0
+    );
+    rig.policy
+        .set_endpoint(&EndpointSpec {
+            ifindex: LO,
+            address: "10.1.1.5".parse().unwrap(),
+            identity: 1000,
+            policy: EndpointPolicy::default(),
+        })
+        .unwrap();
+    assert_eq!(
+        rig.run(true, &frame(sa("10.1.1.5:40000"), sa("10.2.1.7:5432"), 6)),
+        TC_ACT_OK,
+        "a peer exists: the flow goes into the tunnel"
+    );
+    assert_eq!(
+        rig.run(true, &frame(sa("10.1.1.5:40001"), sa("10.3.1.7:5432"), 6)),
+        TC_ACT_SHOT,
+        "no peer: never in clear"
+    );
+    let events = rig.events();
+    let e = events
+        .iter()
+        .find(|e| e.verdict == VERDICT_DROPPED)
+        .expect("a drop event");
+    assert_eq!(e.reason, DropReason::NoEncryptionPeer as u8);
+    assert_eq!(
+        (e.src_identity, e.dst_identity, e.remote_cluster_id),
+        (1000, 4000, 3)
+    );
+}
+
+/// A full map is a clear, per-service error (and the rest keeps working), never silent loss.
+#[test]
+fn a_full_service_map_is_reported_per_service_and_the_rest_is_programmed() {
+    require_privileges();
+    let sizes = MapSizes {
+        lb_services: 4,
+        ..Default::default()
+    };
+    let mut dp = Datapath::load(None, &sizes).expect("loading the datapath");
+    let mut lbw = LbWriter::new(
+        dp.take_map(names::MAP_LB4_SERVICES).unwrap(),
+        dp.take_map(names::MAP_LB4_BACKENDS).unwrap(),
+        dp.take_map(names::MAP_LB4_REVNAT).unwrap(),
+        sizes,
+    )
+    .unwrap();
+    let backend = lb::BackendAddr {
+        address: "10.1.0.11".parse().unwrap(),
+        port: 8080,
+        proto: 6,
+        cluster_id: 1,
+    };
+    // Three services of two entries each (frontend + one slot) into a 4-entry map.
+    let desired: BTreeMap<lb::Frontend, lb::DesiredService> = (1..=3u8)
+        .map(|i| {
+            (
+                lb::Frontend {
+                    address: Ipv4Addr::new(10, 96, 0, i),
+                    port: 80,
+                    proto: 6,
+                },
+                lb::DesiredService {
+                    global: false,
+                    active: vec![backend],
+                    terminating: vec![],
+                },
+            )
+        })
+        .collect();
+    let report = lbw.sync(&desired, true);
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    let (frontend, why) = &report.failed[0];
+    assert_eq!(frontend.address, Ipv4Addr::new(10, 96, 0, 3));
+    assert!(why.contains("LB4_SERVICES is full (4 entries)"), "{why}");
+    // The services that fit are translated.
+    for i in 1..=2u8 {
+        let syn = frame(
+            sa("10.1.0.99:40000"),
+            SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, i), 80),
+            6,
+        );
+        let prog = dp.lb_test_program().unwrap();
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&syn);
+        assert_eq!(
+            prog.test_run(opts).unwrap().return_value,
+            XDP_TX,
+            "service {i}"
+        );
+    }
+}

@@ -785,7 +785,15 @@ fn routes_of_a_previous_run_are_kept_until_the_first_full_sync() {
         r
     };
     let mut first = reconciler(true);
-    rt.block_on(first.reconcile(&full)).unwrap();
+    let report = rt.block_on(first.reconcile(&full)).unwrap();
+    // The encryption guard lets this node's own pod CIDR through (inside the strict /8).
+    assert!(
+        report
+            .guard
+            .contains(&("10.1.0.0/24".parse().unwrap(), true)),
+        "{:?}",
+        report.guard
+    );
     let installed = routes();
     assert!(
         installed.iter().any(|r| r.starts_with("10.2.0.0/24 dev")),
@@ -795,7 +803,14 @@ fn routes_of_a_previous_run_are_kept_until_the_first_full_sync() {
 
     // The restart: empty model, not synced yet. Nothing is removed.
     let mut second = reconciler(false);
-    rt.block_on(second.reconcile(&empty)).unwrap();
+    let report = rt.block_on(second.reconcile(&empty)).unwrap();
+    assert!(
+        report
+            .guard
+            .contains(&("10.2.0.0/24".parse().unwrap(), true)),
+        "the encryption guard must mirror the kept route: {:?}",
+        report.guard
+    );
     assert_eq!(
         routes(),
         installed,

@@ -49,10 +49,13 @@ pub enum DropReason {
     NoServiceBackend = 4,
     /// The conntrack table refused a new entry (map full).
     CtMapFull = 5,
+    /// Strict encryption: the destination is a remote pod CIDR without a WireGuard peer, so
+    /// the packet would leave unencrypted.
+    NoEncryptionPeer = 6,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         DropReason::None,
         DropReason::PolicyDenied,
@@ -60,6 +63,7 @@ impl DropReason {
         DropReason::UnsupportedL3,
         DropReason::NoServiceBackend,
         DropReason::CtMapFull,
+        DropReason::NoEncryptionPeer,
     ];
 
     pub const fn from_u8(v: u8) -> Option<DropReason> {
@@ -79,9 +83,17 @@ impl DropReason {
             DropReason::UnsupportedL3 => "unsupported L3 protocol",
             DropReason::NoServiceBackend => "no service backend",
             DropReason::CtMapFull => "conntrack map full",
+            DropReason::NoEncryptionPeer => "no encryption peer (strict mode)",
         }
     }
 }
+
+/// Values of the `ENCRYPT_GUARD4` LPM map (IPv4 prefix → u32), mirroring the routes strict
+/// encryption installs: prefixes routed into the WireGuard device, and strict prefixes
+/// without a peer (`unreachable`).
+pub const GUARD_ENCRYPTED: u32 = 1;
+pub const GUARD_NO_PEER: u32 = 2;
+pub const DEFAULT_GUARD_MAX: u32 = 65_536;
 
 /// Slots of the `DP_CONFIG` array (u32 each).
 pub const CONFIG_SLOT_FLAGS: u32 = 0;

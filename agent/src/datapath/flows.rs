@@ -211,8 +211,8 @@ pub async fn read_events(
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
     // AsyncFd (which owns the ring) is dropped.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| DatapathError::Pin {
-            path: name.into(),
+        .map_err(|e| DatapathError::Io {
+            what: "registering the flow ring buffer",
             source: e.into_parts().1,
         })?;
     let offset = boot_offset();

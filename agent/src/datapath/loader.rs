@@ -129,10 +129,6 @@ impl Datapath {
         })
     }
 
-    pub fn pins(&self) -> Option<&PinDir> {
-        self.pins.as_ref()
-    }
-
     /// Takes a map out of the object (each map has one owner: its writer).
     pub fn take_map(&mut self, name: &'static str) -> Result<Map, DatapathError> {
         self.ebpf

@@ -2,6 +2,7 @@
 
 pub mod counter;
 pub mod flows;
+pub mod guard;
 pub mod ipcache;
 pub mod lb;
 pub mod loader;
@@ -54,6 +55,11 @@ pub enum DatapathError {
     #[error("cgroup {path}: {source}")]
     Cgroup {
         path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
         source: std::io::Error,
     },
     #[error("no interface named {0}")]

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use super::{
     Datapath, DatapathError, PinDir,
     flows::{self, FlowHub, IdentityLookup},
+    guard::GuardWriter,
     ipcache::{self, IpcacheWriter},
     lb::{self, LbWriter},
     policy::{CtGc, PolicyWriter},
@@ -64,6 +65,7 @@ pub struct DatapathAgent {
     /// Shared with the local endpoint manager (pods on this node).
     pub policy: Arc<Mutex<PolicyWriter>>,
     datapath: Arc<Mutex<Datapath>>,
+    guard: Mutex<Option<GuardWriter>>,
     _tasks: Vec<AbortOnDrop>,
 }
 
@@ -107,6 +109,7 @@ impl DatapathAgent {
         let ct = CtGc::new(dp.take_map(names::MAP_CT)?)?;
         let ring = dp.take_map(names::MAP_FLOW_EVENTS)?;
         let drops = dp.take_map(names::MAP_DROP_COUNTERS)?;
+        let guard = GuardWriter::new(dp.take_map(names::MAP_ENCRYPT_GUARD)?)?;
 
         dp.attach_socket_lb(&cgroup)?;
         dp.remove_stale_versions();
@@ -141,6 +144,7 @@ impl DatapathAgent {
             flows,
             policy: Arc::new(Mutex::new(policy)),
             datapath: Arc::new(Mutex::new(dp)),
+            guard: Mutex::new(Some(guard)),
             _tasks: tasks,
         })
     }
@@ -162,6 +166,32 @@ impl DatapathAgent {
 
     pub fn flows(&self) -> FlowHub {
         self.flows.clone()
+    }
+
+    /// Mirrors strict encryption's routing decisions into the guard map, so flows the routes
+    /// drop (no WireGuard peer) show as drops with a reason. Call once, with the encryption
+    /// agent's pass results.
+    pub fn follow_encryption(
+        &self,
+        mut applied: watch::Receiver<crate::wireguard::Applied>,
+    ) -> Option<AbortOnDrop> {
+        let mut guard = self
+            .guard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        Some(AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let routes = applied.borrow_and_update().guard.clone();
+                let failed = guard.sync(&routes);
+                if failed > 0 {
+                    tracing::warn!(failed, "encryption guard entries not written");
+                }
+                if applied.changed().await.is_err() {
+                    return;
+                }
+            }
+        })))
     }
 
     /// The loaded datapath (to attach policy programs to pods' interfaces).

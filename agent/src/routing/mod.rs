@@ -134,6 +134,10 @@ pub struct RouteReport {
     pub skipped: Vec<String>,
     /// Device MTU after the reconcile.
     pub device_mtu: Option<u32>,
+    /// Every planned prefix and whether it goes into the device (true) or is strict mode's
+    /// `unreachable` (false): the datapath's encryption guard mirrors it for flow events.
+    #[serde(skip)]
+    pub guard: Vec<(IpNet, bool)>,
 }
 
 /// One route strait installed earlier (protocol [`RTPROT_STRAIT`]), as read back.
@@ -245,6 +249,17 @@ impl RouteReconciler {
         report.skipped = plan.skipped.clone();
         report.desired = plan.routes.len();
         self.planned.extend(plan.routes.keys().copied());
+        report.guard = plan
+            .routes
+            .values()
+            .map(|r| (r.prefix, matches!(r.target, RouteTarget::Device { .. })))
+            .collect();
+        // This node's pod CIDRs are delivered here (per-pod routes), never sent in clear: a
+        // strict supernet (`unreachable 10.0.0.0/8`) must not make the guard drop traffic
+        // between this node's own pods.
+        report
+            .guard
+            .extend(inputs.local_pod_cidrs.iter().map(|p| (*p, true)));
 
         let installed = self.owned_routes().await?;
         let mut first_error = None;
@@ -293,7 +308,15 @@ impl RouteReconciler {
                     continue;
                 }
                 if !keep && !self.synced && !self.planned.contains(&prefix) {
-                    continue; // maybe just not synced yet: removed after the first full sync
+                    // Maybe just not synced yet: removed after the first full sync. The guard
+                    // mirrors what is routed, so it keeps this route too.
+                    if route.priority == 0 {
+                        report.guard.push((
+                            prefix,
+                            route.kind != RouteType::Unreachable && route.oif == Some(dev.index),
+                        ));
+                    }
+                    continue;
                 }
                 match self.delete(&route).await {
                     Ok(()) => {

@@ -49,6 +49,9 @@ pub struct Applied {
     pub routes: usize,
     /// Set when the pass failed (it is retried with backoff).
     pub error: Option<String>,
+    /// Routed prefixes: into the device (true) or strict `unreachable` (false).
+    #[serde(skip)]
+    pub guard: Vec<(ipnet::IpNet, bool)>,
 }
 
 impl Applied {
@@ -208,8 +211,10 @@ async fn run(
         }
         // Routes even when the peers failed: strict mode must still fail closed.
         routes.set_synced(is_synced);
+        let mut guard = Vec::new();
         let route_count = match routes.reconcile(&plan.route_inputs()).await {
             Ok(r) => {
+                guard = r.guard;
                 if r.added + r.replaced + r.removed > 0 {
                     tracing::debug!(
                         added = r.added,
@@ -238,6 +243,7 @@ async fn run(
             peers: plan.peers.len(),
             routes: route_count,
             error: error.clone(),
+            guard,
         });
         let wait = if error.is_some() {
             let w = backoff;

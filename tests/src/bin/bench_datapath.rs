@@ -165,6 +165,27 @@ impl PolicyBench {
     }
 }
 
+/// The floor of a tc TestRun on this machine: strait's packet counter (one per-CPU array
+/// update), same frame, same repeats.
+fn baseline_ns(f: &[u8], repeat: u32, rounds: u32) -> f64 {
+    let mut counter = strait::datapath::PacketCounterProgram::load().expect("counter program");
+    let prog = counter
+        .program_mut(strait_common::Direction::Ingress)
+        .unwrap();
+    let runs = (0..rounds)
+        .map(|_| {
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(f);
+            opts.repeat = repeat;
+            prog.test_run(opts)
+                .expect("BPF_PROG_TEST_RUN")
+                .duration
+                .as_nanos() as f64
+        })
+        .collect();
+    median(runs)
+}
+
 fn bench_policy(args: &Args) {
     println!(
         "\n== policy program, ns/packet (BPF_PROG_TEST_RUN, {} repeats) ==",
@@ -189,6 +210,7 @@ fn bench_policy(args: &Args) {
         "{:<40} {:>12} {:>12} {:>8}",
         "case", "1k ipcache", "100k ipcache", "growth"
     );
+    let mut policy_rows = Vec::new();
     for (name, f) in &cases {
         let mut results: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
         for _ in 0..args.rounds {
@@ -200,6 +222,7 @@ fn bench_policy(args: &Args) {
             }
         }
         let m: Vec<f64> = results.into_iter().map(median).collect();
+        policy_rows.push(m[0]);
         println!(
             "{name:<40} {:>9.1} ns {:>9.1} ns {:>7.2}x",
             m[0],
@@ -207,6 +230,14 @@ fn bench_policy(args: &Args) {
             m[1] / m[0]
         );
     }
+    let base = baseline_ns(&cases[1].1, args.repeat, args.rounds);
+    println!(
+        "{:<40} {:>9.1} ns   (TestRun floor: new flow {:.1}x, established {:.1}x of it)",
+        "baseline: packet counter (1 map update)",
+        base,
+        policy_rows[0] / base,
+        policy_rows[1] / base
+    );
 }
 
 const BACKENDS: [&str; 2] = ["10.1.0.11", "10.1.0.12"];

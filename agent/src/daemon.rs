@@ -325,9 +325,12 @@ pub async fn run(
         );
         Arc::new(move || {
             let encryption = encryption.as_ref().and_then(|e| e.status().ok());
+            // Before the read lock: both read the state model themselves, and a second read on
+            // this thread while a writer waits deadlocks the agent (std's RwLock).
+            let clusters = mesh.statuses();
+            let datapath = datapath.as_ref().map(|d| d.status());
             let model = state.read();
             let counts = model.counts(&cluster);
-            let datapath = datapath.as_ref().map(|d| d.status());
             AgentStatus {
                 version: env!("CARGO_PKG_VERSION").into(),
                 cluster: LocalStatus {
@@ -341,7 +344,7 @@ pub async fn run(
                     num_identities: counts.identities,
                 },
                 cluster_mesh: ClusterMeshStatus {
-                    clusters: mesh.statuses(),
+                    clusters,
                     num_global_services: model.service_views().iter().filter(|s| s.global).count(),
                     datapath_down: model
                         .clusters()

@@ -378,6 +378,50 @@ fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` to completion within `timeout` (killed by PID after it): a CLI call against a
+/// hung agent must fail the step, not hang the test.
+fn output_within(cmd: &mut Command, timeout: Duration) -> Result<std::process::Output, String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+    let reader = std::thread::spawn(move || {
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        if let Some(s) = out.as_mut() {
+            let _ = s.read_to_end(&mut o);
+        }
+        if let Some(s) = err.as_mut() {
+            let _ = s.read_to_end(&mut e);
+        }
+        (o, e)
+    });
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let (stdout, stderr) = reader.join().unwrap_or_default();
+                return Ok(std::process::Output {
+                    status,
+                    stdout,
+                    stderr,
+                });
+            }
+            Ok(None) if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("no answer within {timeout:?}"));
+            }
+        }
+    }
+}
+
+/// How long a `strait status` / `strait observe` call may take.
+const CLI_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Runs `f` on a thread inside namespace `ns`.
 fn in_netns<T: Send + 'static>(
     ns: &str,
@@ -1039,13 +1083,15 @@ impl Mesh {
 
     /// `strait status --json` on `node`, run inside its namespace.
     pub fn status(&self, node: &str) -> Result<AgentStatus, String> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns(node)])
-            .arg(&self.opts.strait)
-            .args(["status", "--json", "--socket"])
-            .arg(self.api_socket(node))
-            .output()
-            .map_err(|e| e.to_string())?;
+        let out = output_within(
+            Command::new("ip")
+                .args(["netns", "exec", &self.ns(node)])
+                .arg(&self.opts.strait)
+                .args(["status", "--json", "--socket"])
+                .arg(self.api_socket(node)),
+            CLI_TIMEOUT,
+        )
+        .map_err(|e| format!("strait status on {node}: {e}"))?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
         }
@@ -1054,17 +1100,18 @@ impl Mesh {
 
     /// `strait status` (text) on `node`.
     pub fn status_text(&self, node: &str) -> String {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(node)])
-            .arg(&self.opts.strait)
-            .args(["status", "--socket"])
-            .arg(self.api_socket(node))
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout).into_owned()
-                    + &String::from_utf8_lossy(&o.stderr)
-            })
-            .unwrap_or_else(|e| e.to_string())
+        output_within(
+            Command::new("ip")
+                .args(["netns", "exec", &self.ns(node)])
+                .arg(&self.opts.strait)
+                .args(["status", "--socket"])
+                .arg(self.api_socket(node)),
+            CLI_TIMEOUT,
+        )
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        })
+        .unwrap_or_else(|e| format!("strait status on {node}: {e}"))
     }
 
     /// Runs `sockprobe` as a process of `pod` (its cgroup and namespace): `count` TCP
@@ -1654,13 +1701,15 @@ impl Mesh {
             "both drops in strait observe",
             Duration::from_secs(10),
             || {
-                let out = Command::new("ip")
-                    .args(["netns", "exec", &self.ns("europe-2")])
-                    .arg(&self.opts.strait)
-                    .args(["observe", "--json", "--last", "200", "--socket"])
-                    .arg(self.api_socket("europe-2"))
-                    .output()
-                    .map_err(|e| e.to_string())?;
+                let out = output_within(
+                    Command::new("ip")
+                        .args(["netns", "exec", &self.ns("europe-2")])
+                        .arg(&self.opts.strait)
+                        .args(["observe", "--json", "--last", "200", "--socket"])
+                        .arg(self.api_socket("europe-2")),
+                    CLI_TIMEOUT,
+                )
+                .map_err(|e| format!("strait observe on europe-2: {e}"))?;
                 let flows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
                     .lines()
                     .filter_map(|l| serde_json::from_str(l).ok())

@@ -73,7 +73,7 @@ impl Default for LbTopology {
 }
 
 /// TCP + UDP responders on one address; they answer with the address and stop on drop.
-struct BackendServer {
+pub struct BackendServer {
     stop: Arc<AtomicBool>,
     /// Listener fd, shut down on drop to wake the blocking accept (without sending anything).
     listener_fd: std::os::fd::RawFd,
@@ -82,7 +82,7 @@ struct BackendServer {
 
 impl BackendServer {
     /// Must run inside the server namespace (sockets belong to the creating thread's netns).
-    fn start(addr: SocketAddrV4) -> Self {
+    pub fn start(addr: SocketAddrV4) -> Self {
         use std::os::fd::AsRawFd as _;
         let stop = Arc::new(AtomicBool::new(false));
         // Blocking accept: a polling loop would cap the connection rate the benchmark sees.

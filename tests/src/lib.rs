@@ -190,6 +190,7 @@ impl Drop for TestCgroup {
 }
 
 pub mod datapath;
+pub mod e2e;
 pub mod etcd;
 
 pub mod wireguard;

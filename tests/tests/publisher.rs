@@ -34,6 +34,54 @@ async fn get(client: &EtcdClient, key: &str) -> Option<String> {
         .map(|kv| String::from_utf8(kv.value).unwrap())
 }
 
+/// Two nodes starting pods with the same labels at the same moment (two replicas of one
+/// Deployment) must get one identity, not one each: found by the end-to-end test, where
+/// europe's two payment-api pods got 131073 and 131074.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_allocations_of_the_same_labels_settle_on_one_identity() {
+    let etcd = EtcdServer::new();
+    let client = EtcdClient::connect(&etcd.config()).await.unwrap();
+    let mut nodes = Vec::new();
+    for node in ["usa-1", "usa-2", "usa-3"] {
+        nodes.push(std::sync::Arc::new(
+            IdentityAllocator::new(client.clone(), "cluster-usa", range(), node, TTL)
+                .await
+                .unwrap(),
+        ));
+    }
+    for round in 0..20 {
+        let app = format!("app-{round}");
+        let tasks: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                let (n, l) = (n.clone(), labels(&app));
+                tokio::spawn(async move { n.allocate(&l).await.unwrap() })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.push(t.await.unwrap());
+        }
+        assert!(
+            ids.iter().all(|id| *id == ids[0]),
+            "round {round}: one label set, several identities {ids:?}"
+        );
+        // Exactly one master key holds these labels, and every node references it.
+        let sorted = labels(&app).to_sorted_list().replace(
+            "k8s:io.kubernetes",
+            "k8s:io.cilium.k8s.policy.cluster=cluster-usa;k8s:io.kubernetes",
+        );
+        let masters = client
+            .list_prefix("cilium/state/identities/v1/id/")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|kv| kv.value == sorted.as_bytes())
+            .count();
+        assert_eq!(masters, 1, "round {round}: master keys for {sorted}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identities_are_allocated_in_range_shared_across_nodes_and_released() {
     let etcd = EtcdServer::new();

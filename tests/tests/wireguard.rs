@@ -737,3 +737,85 @@ fn kernel_backend_carries_pod_traffic_through_the_tunnel() {
     a.stop(&rt);
     b.stop(&rt);
 }
+
+/// A restarted agent (kernel device and its routes left in place, or a wireguard-go it
+/// adopts) starts from an empty model. Until its first full sync it must not delete the
+/// routes the previous run installed: strict mode would answer `unreachable` to live traffic
+/// until the mesh is listed again (found by the end-to-end test's agent restart).
+#[test]
+fn routes_of_a_previous_run_are_kept_until_the_first_full_sync() {
+    use strait::routing::{RouteInputs, RouteReconciler, RoutingConfig};
+    require_privileges();
+    let ns = Netns::new();
+    let dev = unique_name("dm");
+    // Any link serves as the device here (no dummy module on these machines): a veth pair.
+    let peer = unique_name("dp");
+    ip_in(
+        &ns,
+        &["link", "add", &dev, "type", "veth", "peer", "name", &peer],
+    );
+    ip_in(&ns, &["link", "set", &peer, "up"]);
+    ip_in(&ns, &["addr", "add", "198.18.9.2/24", "dev", &dev]);
+    let rt = runtime();
+    let cfg = RoutingConfig {
+        underlay_mtu: Some(1500),
+        strict_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+        ..RoutingConfig::default()
+    };
+    let reconciler = |synced: bool| {
+        let netns = TargetNetns::from_path(&netns_path(&ns)).unwrap();
+        let mut r = rt
+            .block_on(async { RouteReconciler::new(cfg.clone(), &dev, netns) })
+            .unwrap();
+        r.set_synced(synced);
+        r
+    };
+    let full = RouteInputs {
+        encrypted: vec![("10.2.0.0/24".parse().unwrap(), "c2/node-b".into())],
+        local_pod_cidrs: vec!["10.1.0.0/24".parse().unwrap()],
+        ..RouteInputs::default()
+    };
+    let empty = RouteInputs {
+        local_pod_cidrs: full.local_pod_cidrs.clone(),
+        ..RouteInputs::default()
+    };
+    let routes = || {
+        let mut r = strait_routes(&ns);
+        r.sort();
+        r
+    };
+    let mut first = reconciler(true);
+    rt.block_on(first.reconcile(&full)).unwrap();
+    let installed = routes();
+    assert!(
+        installed.iter().any(|r| r.starts_with("10.2.0.0/24 dev")),
+        "{installed:?}"
+    );
+    drop(first);
+
+    // The restart: empty model, not synced yet. Nothing is removed.
+    let mut second = reconciler(false);
+    rt.block_on(second.reconcile(&empty)).unwrap();
+    assert_eq!(
+        routes(),
+        installed,
+        "routes removed before the first full sync"
+    );
+    // A node this run learns and then sees deleted loses its route at once, synced or not.
+    let learned = RouteInputs {
+        encrypted: vec![("10.3.0.0/24".parse().unwrap(), "c3/node-c".into())],
+        ..empty.clone()
+    };
+    rt.block_on(second.reconcile(&learned)).unwrap();
+    assert!(routes().iter().any(|r| r.starts_with("10.3.0.0/24 dev")));
+    rt.block_on(second.reconcile(&empty)).unwrap();
+    assert_eq!(
+        routes(),
+        installed,
+        "a deleted node's route must go before sync too"
+    );
+    // Synced, and the node is really gone: now its route goes.
+    second.set_synced(true);
+    rt.block_on(second.reconcile(&empty)).unwrap();
+    assert_eq!(routes(), ["unreachable 10.0.0.0/8"]);
+}

@@ -1,8 +1,9 @@
-//! `cargo xtask demo`: strait counting real packets on a throwaway veth pair.
+//! `cargo xtask demo`: strait at work.
 //!
-//! Creates two network namespaces joined by a veth pair (no route out of either), runs
-//! `strait count` on one end, sends ICMP, UDP and TCP between them, prints the counters strait
-//! read from the kernel map, and removes everything — on success, on failure and on Ctrl-C.
+//! Part one: two network namespaces joined by a veth pair (no route out of either), `strait
+//! count` on one end, ICMP, UDP and TCP sent between them, the counters strait read from the
+//! kernel map. Part two: the user's two-cluster scenario end to end (`tests/src/e2e.rs`, run by
+//! the `strait-scenario` binary). Everything is removed on success, on failure and on Ctrl-C.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -20,9 +21,9 @@ use crate::cmd::{self, Env};
 struct Created {
     netns: Vec<String>,
     child_pid: Option<u32>,
-    /// Processes of the mesh part (etcd, strait agent, strait kvstoremesh).
-    pids: Vec<u32>,
-    dirs: Vec<std::path::PathBuf>,
+    /// The scenario runner: it cleans up after itself (also on Ctrl-C, which reaches it
+    /// too); we only wait for it.
+    scenario_pid: Option<u32>,
 }
 
 impl Created {
@@ -31,18 +32,14 @@ impl Created {
             // SAFETY: signalling a PID we started and have not reaped.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
-        for pid in self.pids.drain(..).rev() {
-            // SAFETY: signalling and reaping a child we started.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
+        if let Some(pid) = self.scenario_pid.take() {
+            // It got the same Ctrl-C and is removing its namespaces, processes, cgroups and
+            // pins: wait (bounded) so the prompt returns after it.
+            let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while proc.exists() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(100));
-                libc::kill(pid as i32, libc::SIGKILL);
-                libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
             }
-        }
-        for dir in self.dirs.drain(..) {
-            let _ = std::fs::remove_dir_all(&dir);
-            println!("cleanup: removed {}", dir.display());
         }
         for ns in self.netns.drain(..) {
             // Deleting the namespace also removes the veth end inside it.
@@ -164,198 +161,58 @@ pub fn run(env: &Env) -> anyhow::Result<()> {
          'other' is ARP and IPv6 neighbour discovery."
     );
 
-    mesh(&strait, &created)?;
+    scenario(env, &strait, &created)?;
 
     cmd::step("cleaning up");
     drop(guard);
     Ok(())
 }
 
-/// Part two: two clusters joined through etcd, with the real binaries. europe runs
-/// `strait kvstoremesh` (publishing its cluster config and exporting its global services) and
-/// an agent; usa's agent connects to europe's etcd and reports the mesh in `strait status`.
-/// Encryption is off here (agents run in the root namespace); the namespace scenario with
-/// WireGuard is the end-to-end issue.
-fn mesh(strait: &std::path::Path, created: &Arc<Mutex<Created>>) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("strait-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+/// Part two: the user's scenario end to end (`tests/src/e2e.rs` through the
+/// `strait-scenario` binary, the code the end-to-end test runs): two clusters of two nodes in
+/// namespaces, WireGuard between every node, global services, failover, cluster loss, policy
+/// across clusters, an agent restart and an overlapping cluster refused. The binary removes
+/// what it created itself, also on Ctrl-C; this process waits for it.
+fn scenario(
+    env: &Env,
+    strait: &std::path::Path,
+    created: &Arc<Mutex<Created>>,
+) -> anyhow::Result<()> {
+    cmd::step("building the scenario runner (strait-tests' strait-scenario and sockprobe)");
+    cmd::run(env.cargo().args([
+        "build",
+        "-p",
+        "strait-tests",
+        "--bin",
+        "strait-scenario",
+        "--bin",
+        "sockprobe",
+    ]))?;
+    let runner = strait.with_file_name("strait-scenario");
+    cmd::step("the two-cluster scenario (tests/src/e2e.rs): cluster-usa and cluster-europe");
+    let started = std::time::Instant::now();
+    let mut child = Command::new(&runner)
+        .arg("--strait")
+        .arg(strait)
+        .spawn()
+        .with_context(|| format!("starting {}", runner.display()))?;
     created
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .dirs
-        .push(dir.clone());
-    let spawn = |name: &str, cmd: &mut Command| -> anyhow::Result<()> {
-        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-        let child = cmd
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        created
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pids
-            .push(child.id());
-        Ok(())
-    };
-
-    cmd::step(
-        "mesh: starting an etcd per cluster (standing in for each cluster's clustermesh etcd)",
-    );
-    let mut endpoints = Vec::new();
-    for cluster in ["usa", "europe"] {
-        let (client, peer) = (free_port()?, free_port()?);
-        let data = dir.join(format!("etcd-{cluster}"));
-        spawn(
-            &format!("etcd-{cluster}"),
-            Command::new("etcd")
-                .args(["--name", cluster, "--data-dir"])
-                .arg(&data)
-                .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
-                .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-                .arg(format!(
-                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
-                ))
-                .arg(format!(
-                    "--initial-cluster={cluster}=http://127.0.0.1:{peer}"
-                )),
-        )?;
-        let config = dir.join(format!("etcd-{cluster}.yaml"));
-        std::fs::write(
-            &config,
-            format!("endpoints:\n- http://127.0.0.1:{client}\n"),
-        )?;
-        println!("cluster-{cluster}: etcd on 127.0.0.1:{client}");
-        endpoints.push(config);
-    }
-    let (usa_etcd, europe_etcd) = (&endpoints[0], &endpoints[1]);
-
-    // payment-api in both clusters: global, affinity local (the user's manifest).
-    let manifest = |cluster: &str, backend: &str| {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: payment-api\n  namespace: default\n  annotations:\n    \
-             service.cilium.io/global: \"true\"\n    service.cilium.io/affinity: \"local\"\nspec:\n  type: ClusterIP\n  \
-             clusterIP: 10.96.0.10\n  selector: {{app: payment-api}}\n  ports:\n  - port: 8080\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: payment-api-{cluster}\n  namespace: default\n  \
-             labels: {{kubernetes.io/service-name: payment-api}}\naddressType: IPv4\nports: [{{port: 8080, protocol: TCP}}]\n\
-             endpoints:\n- addresses: [{backend}]\n  conditions: {{ready: true}}\n"
-        )
-    };
-    for (cluster, backend) in [("usa", "10.1.0.10"), ("europe", "10.2.0.10")] {
-        let m = dir.join(format!("manifests-{cluster}"));
-        std::fs::create_dir_all(&m)?;
-        std::fs::write(m.join("payment-api.yaml"), manifest(cluster, backend))?;
-        std::fs::create_dir_all(dir.join(format!("clustermesh-{cluster}")))?;
-    }
-    // usa connects to europe's etcd directly; europe's clustermesh dir stays empty here.
-    std::fs::copy(
-        europe_etcd,
-        dir.join("clustermesh-usa").join("cluster-europe"),
-    )?;
-
-    cmd::step(
-        "mesh: strait kvstoremesh for cluster-europe (publishes its cluster config, exports payment-api)",
-    );
-    spawn(
-        "kvstoremesh-europe",
-        Command::new(strait)
-            .args([
-                "kvstoremesh",
-                "--cluster-name",
-                "cluster-europe",
-                "--cluster-id",
-                "2",
-                "--kvstore-config",
-            ])
-            .arg(europe_etcd)
-            .arg("--clustermesh-config-dir")
-            .arg(dir.join("clustermesh-europe"))
-            .arg("--manifests-dir")
-            .arg(dir.join("manifests-europe"))
-            .args(["--metrics-address", &format!("127.0.0.1:{}", free_port()?)]),
-    )?;
-
-    cmd::step("mesh: strait agent on one node per cluster");
-    for (cluster, id, ip, cidr, etcd) in [
-        ("usa", 1, "198.18.1.1", "10.1.0.0/24", usa_etcd),
-        ("europe", 2, "198.18.2.1", "10.2.0.0/24", europe_etcd),
-    ] {
-        let config = dir.join(format!("agent-{cluster}.yaml"));
-        std::fs::write(
-            &config,
-            format!(
-                "cluster: {{name: cluster-{cluster}, id: {id}}}\nnode: {{name: {cluster}-1, internalIP: {ip}, podCIDRs: [{cidr}]}}\n\
-                 kvstoreConfig: {}\nclustermeshConfigDir: {}\nstateDir: {}\napiSocket: {}\nmetricsAddress: 127.0.0.1:{}\n\
-                 manifestsDir: {}\nwireguard: {{enabled: false}}\n",
-                etcd.display(),
-                dir.join(format!("clustermesh-{cluster}")).display(),
-                dir.join(format!("state-{cluster}")).display(),
-                dir.join(format!("{cluster}.sock")).display(),
-                free_port()?,
-                dir.join(format!("manifests-{cluster}")).display(),
-            ),
-        )?;
-        spawn(
-            &format!("agent-{cluster}"),
-            Command::new(strait)
-                .arg("agent")
-                .arg("--config")
-                .arg(&config),
-        )?;
-    }
-
-    cmd::step("mesh: waiting for cluster-usa's agent to report cluster-europe ready");
-    let socket = dir.join("usa.sock");
-    let started = std::time::Instant::now();
-    loop {
-        let out = Command::new(strait)
-            .args(["status", "--json", "--socket"])
-            .arg(&socket)
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if out.status.success()
-            && text.contains("\"ready\": true")
-            && text.contains("\"num-shared-services\": 1")
-        {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            for name in ["agent-usa", "agent-europe", "kvstoremesh-europe"] {
-                let log =
-                    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(8).collect();
-                eprintln!("--- {name} (last lines)");
-                for line in tail.into_iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-            eprintln!("--- strait status:\n{text}");
-            bail!("the mesh did not come up within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+        .scenario_pid = Some(child.id());
+    let status = child.wait().context("waiting for the scenario")?;
+    created
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .scenario_pid = None;
     println!(
-        "mesh up in {:.1}s. `strait status` on usa-1:\n",
+        "scenario finished in {:.0}s ({status})",
         started.elapsed().as_secs_f64()
     );
-    cmd::run(
-        Command::new(strait)
-            .args(["status", "--socket"])
-            .arg(&socket),
-    )?;
-    println!(
-        "\nusa-1 sees cluster-europe's node, its global payment-api backend (exported by europe's \
-         kvstoremesh, the elected writer) and europe's cluster config, all read from europe's etcd \
-         in Cilium's ClusterMesh layout."
-    );
+    if !status.success() {
+        bail!("the scenario failed (see the summary above)");
+    }
     Ok(())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {

@@ -76,7 +76,7 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
                         dir.clone(),
                         state.clone(),
                         id,
-                        Duration::from_secs(1),
+                        crate::k8s::manifests::POLL_INTERVAL,
                     ))
                 }
                 None => crate::k8s::LocalSource::Api(crate::k8s::ApiSource::spawn(

@@ -9,6 +9,7 @@ pub mod signals;
 pub mod status;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 
 /// strait: eBPF datapath agent that joins Kubernetes clusters over WireGuard, ClusterMesh-style.
 #[derive(Debug, Parser)]
@@ -44,4 +45,49 @@ pub enum Command {
     /// `strait bpf lb list`, `strait bpf ipcache list`, `strait bpf policy list [ENDPOINT]`,
     /// `strait bpf ct list`; add --json for scripts.
     Bpf(bpf::BpfArgs),
+}
+
+/// The `strait` binary: parses the command line, sets up logging, runs the command. A
+/// library function so other binaries can be exactly `strait` (the end-to-end tests build one
+/// next to their helper binaries, where cargo keeps it up to date).
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // Logs go to stderr so stdout stays machine-readable; tracing-subscriber also routes the
+    // `log` records aya emits into tracing.
+    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
+        eprintln!("invalid --log filter {:?}: {e}; using `info`", cli.log);
+        EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Count(args) => count::run(args).await,
+            Command::Agent(args) => agent::run(args).await,
+            Command::Status(args) => status::run(args).await,
+            Command::Kvstoremesh(args) => kvstoremesh::run(args).await,
+            Command::Observe(args) => observe::run(args).await,
+            Command::Bpf(args) => bpf::run(args),
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -6,7 +6,8 @@
 //!   to the node's lease, so a vanished node's references expire.
 //!
 //! An existing ID for the same labels is reused; new IDs come from the local cluster's range
-//! and carry the cluster label.
+//! and carry the cluster label. Nodes allocating the same new labels concurrently settle on
+//! the master key created first.
 
 use std::time::Duration;
 
@@ -115,15 +116,43 @@ impl IdentityAllocator {
         if by_reference.is_some() {
             return Ok(by_reference);
         }
+        self.first_master(labels).await
+    }
+
+    /// The master key for exactly these labels that was created first (lowest create
+    /// revision): the one every node settles on when several were created at once.
+    async fn first_master(&self, labels: &str) -> Result<Option<u32>, AllocatorError> {
         let masters = self
             .client
             .list_prefix(&format!("{IDENTITIES_PATH}/{IDENTITY_ID_SEGMENT}/"))
             .await?;
-        Ok(masters.into_iter().find_map(|kv| {
-            (kv.value == labels.as_bytes())
-                .then(|| kv.key.rsplit('/').next()?.parse().ok())
-                .flatten()
-        }))
+        Ok(masters
+            .into_iter()
+            .filter(|kv| kv.value == labels.as_bytes())
+            .filter_map(|kv| Some((kv.create_revision, kv.key.rsplit('/').next()?.parse().ok()?)))
+            .min()
+            .map(|(_, id)| id))
+    }
+
+    /// Two nodes allocating the same new labels at once both find no identity and claim
+    /// different IDs (seen with two replicas of a Deployment starting on two nodes). The
+    /// master key created first wins: a node whose claim came later sees the earlier one,
+    /// gives its own (not yet referenced) key back and takes the winner; the node that
+    /// created first sees no earlier key and keeps its own. Both end up with one ID.
+    async fn settle(&self, labels: &str, mine: u32) -> Result<u32, AllocatorError> {
+        match self.first_master(labels).await? {
+            Some(winner) if winner != mine => {
+                self.client.delete(&id_key(mine)).await?;
+                tracing::info!(
+                    id = winner,
+                    released = mine,
+                    %labels,
+                    "another node allocated these labels concurrently: using its identity"
+                );
+                Ok(winner)
+            }
+            _ => Ok(mine),
+        }
     }
 
     /// Claims the lowest free ID of the range with a create-only write; a concurrent claim of
@@ -142,6 +171,7 @@ impl IdentityAllocator {
                 .create_only(&id_key(id), labels.as_bytes().to_vec(), None)
                 .await?
             {
+                let id = self.settle(labels, id).await?;
                 tracing::info!(id, %labels, "allocated identity");
                 return Ok(id);
             }

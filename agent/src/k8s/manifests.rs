@@ -56,6 +56,12 @@ pub fn read_dir(dir: &Path) -> Result<(Objects, u64), K8sError> {
     Ok((objects, hasher.finish()))
 }
 
+/// How often the manifests directory is read. It stands in for the API server's watch, which
+/// delivers a change at once: an EndpointSlice edited in the directory must reach the datapath
+/// within a fraction of a second (the failover the end-to-end test measures). A read that finds
+/// the same content (hashed) changes nothing, so a short interval costs only the file reads.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
 impl ManifestsSource {
     /// Polls `dir` every `interval` and keeps the local cluster's services in `state` equal
     /// to what the manifests define.

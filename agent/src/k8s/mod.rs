@@ -12,8 +12,6 @@ pub mod services;
 #[cfg(test)]
 mod replay_tests;
 
-use std::time::Duration;
-
 pub use api::ApiSource;
 pub use manifests::ManifestsSource;
 pub use objects::Objects;
@@ -55,7 +53,7 @@ impl LocalSource {
                     dir.clone(),
                     state,
                     cluster_id,
-                    Duration::from_secs(1),
+                    manifests::POLL_INTERVAL,
                 )))
             }
             LocalSourceConfig::Api { api_server } => {

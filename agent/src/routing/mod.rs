@@ -167,6 +167,13 @@ pub struct RouteReconciler {
     connection: tokio::task::JoinHandle<()>,
     /// Conditions already logged, so a persistent problem is reported once, not per pass.
     logged: HashSet<String>,
+    /// Whether every source has listed once. Before that, a route missing from the plan that
+    /// this reconciler never planned may only be not synced yet (a restarted agent starts from
+    /// an empty model while the routes of the previous run still carry traffic): it is kept,
+    /// as unknown peers are. Routes of nodes this run knew and saw deleted go at once.
+    synced: bool,
+    /// Every prefix a plan of this run contained.
+    planned: HashSet<IpNet>,
 }
 
 impl Drop for RouteReconciler {
@@ -194,7 +201,18 @@ impl RouteReconciler {
             handle,
             connection,
             logged: HashSet::new(),
+            synced: true,
+            planned: HashSet::new(),
         })
+    }
+
+    /// Tells the reconciler whether the model is complete (every source listed once). While
+    /// it is not, routes the plan does not name and this run never planned are left in place
+    /// instead of deleted, so an agent restart does not cut traffic to remote pod CIDRs until
+    /// the mesh has synced again (strict mode would otherwise answer `unreachable`
+    /// meanwhile). Default: synced.
+    pub fn set_synced(&mut self, synced: bool) {
+        self.synced = synced;
     }
 
     pub fn config(&self) -> &RoutingConfig {
@@ -235,6 +253,7 @@ impl RouteReconciler {
             .values()
             .map(|r| (r.prefix, matches!(r.target, RouteTarget::Device { .. })))
             .collect();
+        self.planned.extend(plan.routes.keys().copied());
 
         let installed = self.owned_routes().await?;
         let mut first_error = None;
@@ -281,6 +300,9 @@ impl RouteReconciler {
             for route in have {
                 if keep && route.priority == 0 {
                     continue;
+                }
+                if !keep && !self.synced && !self.planned.contains(&prefix) {
+                    continue; // maybe just not synced yet: removed after the first full sync
                 }
                 match self.delete(&route).await {
                     Ok(()) => {

@@ -211,6 +211,7 @@ async fn run(
         }
         // Routes even when the peers failed: strict mode must still fail closed.
         let mut guard = Vec::new();
+        routes.set_synced(is_synced);
         let route_count = match routes.reconcile(&plan.route_inputs()).await {
             Ok(r) => {
                 guard = r.guard;

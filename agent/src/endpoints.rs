@@ -113,15 +113,18 @@ impl EndpointManager {
         let mut versions = self.state.subscribe();
         let mut reported: HashSet<String> = HashSet::new();
         let mut tick = tokio::time::interval(RESCAN);
+        // Policies are translated again only when objects or identities changed; a tick only
+        // retries what is not programmed yet (a pod whose veth appeared, a failed allocation).
+        let mut changed = true;
         loop {
             let current = objects.borrow_and_update().clone();
             self.sync_pods(&current, &mut tracked).await;
-            self.sync_datapath(&current, &mut tracked, &mut reported);
-            tokio::select! {
-                r = objects.changed() => if r.is_err() { return },
-                r = versions.changed() => if r.is_err() { return },
-                _ = tick.tick() => {}
-            }
+            self.sync_datapath(&current, &mut tracked, &mut reported, changed);
+            changed = tokio::select! {
+                r = objects.changed() => if r.is_err() { return } else { true },
+                r = versions.changed() => if r.is_err() { return } else { true },
+                _ = tick.tick() => false,
+            };
         }
     }
 
@@ -205,8 +208,12 @@ impl EndpointManager {
         objects: &Objects,
         tracked: &mut BTreeMap<(String, String), Tracked>,
         reported: &mut HashSet<String>,
+        changed: bool,
     ) {
         let Some(hooks) = &self.datapath else { return };
+        if !changed && tracked.values().all(|t| t.spec.is_some()) {
+            return;
+        }
         let universe: Vec<(u32, LabelArray)> = {
             let model = self.state.read();
             model
@@ -215,6 +222,9 @@ impl EndpointManager {
                 .collect()
         };
         for ((ns, name), t) in tracked.iter_mut() {
+            if !changed && t.spec.is_some() {
+                continue;
+            }
             let ifindex = match t.ifindex {
                 Some(i) => i,
                 None => {

@@ -200,6 +200,16 @@ mod tests {
         }
     }
 
+    /// usa's view with europe's one node at `ip`.
+    fn usa_with_europe_node(ip: &str) -> StateHandle {
+        let state = StateHandle::new("usa", 1);
+        state.update(|m| {
+            m.register_cluster("europe", 2).unwrap();
+            m.upsert_node(node("europe", 2, ip));
+        });
+        state
+    }
+
     async fn wait_for(state: &StateHandle, down: bool) -> Duration {
         let start = Instant::now();
         while state.read().cluster("europe").unwrap().datapath_down != down {
@@ -215,11 +225,7 @@ mod tests {
     /// Real UDP on loopback addresses: europe's node answers, goes silent, answers again.
     #[tokio::test]
     async fn silence_of_every_node_marks_the_cluster_down_and_an_answer_brings_it_back() {
-        let state = StateHandle::new("usa", 1);
-        state.update(|m| {
-            m.register_cluster("europe", 2).unwrap();
-            m.upsert_node(node("europe", 2, "127.0.0.73"));
-        });
+        let state = usa_with_europe_node("127.0.0.73");
         let timing = HealthTiming {
             interval: Duration::from_millis(50),
             down_after: Duration::from_millis(300),
@@ -249,11 +255,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cluster_that_never_answered_is_not_marked_down() {
-        let state = StateHandle::new("usa", 1);
-        state.update(|m| {
-            m.register_cluster("europe", 2).unwrap();
-            m.upsert_node(node("europe", 2, "127.0.0.83"));
-        });
+        let state = usa_with_europe_node("127.0.0.83");
         let timing = HealthTiming {
             interval: Duration::from_millis(30),
             down_after: Duration::from_millis(100),

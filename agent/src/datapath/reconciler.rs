@@ -16,14 +16,14 @@ use super::{
     Datapath, DatapathError, PinDir,
     flows::{self, FlowHub, IdentityLookup},
     guard::GuardWriter,
-    ipcache::{self, IpcacheWriter},
-    lb::{self, LbWriter},
+    ipcache::{self, IpcacheSyncReport, IpcacheWriter},
+    lb::{self, LbSyncReport, LbWriter},
     policy::{CtGc, PolicyWriter},
 };
 use crate::{
     config::DatapathSection,
     metrics::{MapLabels, Metrics, ReasonLabels},
-    state::StateHandle,
+    state::{StateHandle, Versions},
     task::AbortOnDrop,
 };
 
@@ -212,23 +212,30 @@ async fn reconcile(
     let mut reported: HashSet<String> = HashSet::new();
     let mut last = None;
     let mut last_synced = false;
+    // The latest report of each writer (kept for status when only the other one ran).
+    let (mut lr, mut ir) = (LbSyncReport::default(), IpcacheSyncReport::default());
     loop {
         let v = *versions.borrow_and_update();
         let is_synced = *synced.borrow_and_update();
-        let changed = last.is_none_or(|l: crate::state::Versions| {
-            l.services != v.services || l.endpoints != v.endpoints || l.nodes != v.nodes
-        });
-        if changed || is_synced != last_synced {
-            let (desired_lb, desired_ipc) = {
-                let model = state.read();
-                (
-                    lb::desired(&model.service_views()).0,
-                    ipcache::desired(&model),
-                )
-            };
+        // Each map is recomputed only when its inputs moved (or the first sync completed,
+        // which allows deletes): an endpoint churn does not rebuild every service.
+        let first = last.is_none();
+        let synced_now = is_synced != last_synced;
+        // (Refusals and datapath-down bump the services and endpoints versions themselves.)
+        let lb_due =
+            first || synced_now || last.is_some_and(|l: Versions| l.services != v.services);
+        let ipc_due =
+            first || synced_now || last.is_some_and(|l: Versions| l.endpoints != v.endpoints);
+        if lb_due || ipc_due {
             let started = std::time::Instant::now();
-            let lr = lb.sync(&desired_lb, is_synced);
-            let ir = ipc.sync(&desired_ipc, is_synced);
+            if lb_due {
+                let desired = lb::desired(&state.read().service_views()).0;
+                lr = lb.sync(&desired, is_synced);
+            }
+            if ipc_due {
+                let desired = ipcache::desired(&state.read());
+                ir = ipc.sync(&desired, is_synced);
+            }
             tracing::debug!(
                 services = lr.services,
                 lb_writes = lr.writes,

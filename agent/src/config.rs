@@ -229,13 +229,14 @@ impl AgentConfig {
                 config.cluster.max_connected_clusters
             )));
         }
-        if let Ok(max) = crate::clustermesh::MaxConnectedClusters::from_u32(
-            config.cluster.max_connected_clusters,
-        ) && let Err(e) = crate::clustermesh::cluster::validate_local_cluster(
-            &config.cluster.name,
-            config.cluster.id,
-            max,
-        ) {
+        if let Ok(max) =
+            crate::identity::MaxConnectedClusters::from_u32(config.cluster.max_connected_clusters)
+            && let Err(e) = crate::identity::cluster::validate_local_cluster(
+                &config.cluster.name,
+                config.cluster.id,
+                max,
+            )
+        {
             return Err(invalid(format!("cluster: {e}")));
         }
         if let Err(e) = config

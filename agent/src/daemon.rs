@@ -7,18 +7,20 @@ use anyhow::Context as _;
 
 use crate::{
     api,
-    clustermesh::{
-        IdentityRange, MaxConnectedClusters,
-        allocator::IdentityAllocator,
-        manager::{ClusterMesh, LocalClusterWatch},
-        publisher::{self, EndpointPublisher, LocalNode},
-        remote::{LocalCluster, RemoteTiming},
-    },
     config::AgentConfig,
     datapath::{DatapathAgent, flows::IdentityLookup},
     endpoints::{DatapathHooks, EndpointManager},
+    identity::{IdentityRange, MaxConnectedClusters},
     kvstore::{ClustermeshConfigDir, EtcdClient, EtcdConfig},
+    mesh::{
+        manager::{ClusterMesh, LocalClusterWatch},
+        remote::{LocalCluster, RemoteTiming},
+    },
     metrics::Metrics,
+    publish::{
+        allocator::IdentityAllocator,
+        publisher::{self, EndpointPublisher, LocalNode},
+    },
     state::StateHandle,
     status::{AgentStatus, ClusterMeshStatus, LocalStatus},
     task::AbortOnDrop,

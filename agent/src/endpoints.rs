@@ -18,14 +18,14 @@ use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
 
 use crate::{
-    clustermesh::{
-        allocator::IdentityAllocator,
-        labels::LabelArray,
-        publisher::{EndpointPublisher, LocalEndpoint},
-    },
     datapath::{Datapath, policy::EndpointSpec, policy::PolicyWriter},
+    identity::LabelArray,
     k8s::{Objects, labels::pod_identity_labels},
     policy::translate,
+    publish::{
+        allocator::IdentityAllocator,
+        publisher::{EndpointPublisher, LocalEndpoint},
+    },
     state::StateHandle,
 };
 

@@ -1,12 +1,12 @@
 //! The crate's top-level error: one variant per module, each wrapping that module's own
 //! `thiserror` enum, so callers can match on where a failure came from.
 
-pub use crate::clustermesh::ClustermeshError;
 pub use crate::datapath::DatapathError;
 pub use crate::k8s::K8sError;
 pub use crate::kvstore::KvstoreError;
 pub use crate::netns::NetnsError;
 pub use crate::routing::RoutingError;
+pub use crate::wire::WireError;
 pub use crate::wireguard::WireguardError;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +20,7 @@ pub enum Error {
     #[error(transparent)]
     K8s(#[from] K8sError),
     #[error(transparent)]
-    Clustermesh(#[from] ClustermeshError),
+    Wire(#[from] WireError),
     #[error(transparent)]
     Wireguard(#[from] WireguardError),
     #[error(transparent)]

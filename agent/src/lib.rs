@@ -4,7 +4,6 @@
 
 pub mod api;
 pub mod cli;
-pub mod clustermesh;
 pub mod config;
 pub mod constants;
 pub mod daemon;
@@ -12,15 +11,19 @@ pub mod datapath;
 pub mod endpoints;
 pub mod error;
 pub mod health;
+pub mod identity;
 pub mod k8s;
 pub mod kvstore;
+pub mod mesh;
 pub mod metrics;
 pub mod netns;
 pub mod policy;
+pub mod publish;
 pub mod routing;
 pub mod state;
 pub mod status;
 pub mod task;
+pub mod wire;
 pub mod wireguard;
 
 pub use error::Error;

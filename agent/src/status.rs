@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{clustermesh::remote::RemoteClusterStatus, wireguard::DeviceStatus};
+use crate::{mesh::remote::RemoteClusterStatus, wireguard::DeviceStatus};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -162,7 +162,7 @@ impl AgentStatus {
                         p.endpoint.map_or("-".into(), |e| e.to_string()),
                         p.allowed_ips,
                         p.last_handshake_unix.map_or("never".into(), |t| {
-                            crate::clustermesh::timestamp::format_rfc3339(
+                            crate::wire::timestamp::format_rfc3339(
                                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
                             )
                         }),

@@ -6,12 +6,12 @@
 use std::{path::Path, time::Duration};
 
 use strait::{
-    clustermesh::{
-        MaxConnectedClusters,
+    identity::MaxConnectedClusters,
+    kvstore::EtcdClient,
+    mesh::{
         manager::ClusterMesh,
         remote::{LocalCluster, RemoteClusterStatus, RemoteTiming},
     },
-    kvstore::EtcdClient,
     metrics::Metrics,
     state::{Node, StateHandle},
 };
@@ -561,7 +561,7 @@ async fn overlapping_pod_cidrs_and_duplicate_cluster_ids_are_refused_while_the_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvstoremesh_mirrors_remote_state_into_the_local_cache_that_agents_read() {
-    use strait::clustermesh::kvstoremesh::{KvstoreMesh, MeshOptions};
+    use strait::mesh::kvstoremesh::{KvstoreMesh, MeshOptions};
 
     // europe's own etcd, as its clustermesh-apiserver fills it, canaries included.
     let europe = EtcdServer::new();
@@ -903,7 +903,7 @@ async fn agent_publishes_its_node_syncs_the_mesh_and_reports_status_over_its_api
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_services_are_exported_by_exactly_one_elected_writer() {
-    use strait::{clustermesh::exporter, k8s::ManifestsSource};
+    use strait::{k8s::ManifestsSource, mesh::exporter};
 
     let etcd = EtcdServer::new();
     let client = EtcdClient::connect(&etcd.config()).await.unwrap();

@@ -4,13 +4,13 @@
 use std::time::Duration;
 
 use strait::{
-    clustermesh::{
-        IdentityRange, LabelArray, MaxConnectedClusters, RemoteContext,
+    identity::{IdentityRange, LabelArray, MaxConnectedClusters},
+    kvstore::EtcdClient,
+    publish::{
         allocator::{AllocatorError, IdentityAllocator},
         publisher::{EndpointPublisher, LocalEndpoint, LocalNode},
-        validate,
     },
-    kvstore::EtcdClient,
+    wire::{RemoteContext, validate},
 };
 use strait_tests::etcd::EtcdServer;
 

@@ -5,12 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Args;
 
 use crate::{
-    clustermesh::{
-        MaxConnectedClusters,
-        kvstoremesh::{DRAIN_GRACE, KvstoreMesh, MeshOptions},
-    },
     constants,
+    identity::MaxConnectedClusters,
     kvstore::{EtcdClient, EtcdConfig},
+    mesh::kvstoremesh::{DRAIN_GRACE, KvstoreMesh, MeshOptions},
     metrics::Metrics,
     task::AbortOnDrop,
 };
@@ -87,12 +85,12 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
                 )),
             };
             let identity = format!("{}-{}", crate::config::hostname(), std::process::id());
-            let task = tokio::spawn(crate::clustermesh::exporter::run(
+            let task = tokio::spawn(crate::mesh::exporter::run(
                 local.clone(),
                 args.cluster_name.clone(),
                 identity,
                 state,
-                crate::clustermesh::publisher::NODE_LEASE_TTL,
+                crate::publish::publisher::NODE_LEASE_TTL,
             ));
             Some((source, AbortOnDrop(task)))
         }

@@ -9,12 +9,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::clustermesh::{
-    LabelArray,
-    labels::{
-        LABEL_SOURCE_K8S, Label, POD_NAMESPACE_LABEL, POLICY_LABEL_CLUSTER,
-        POLICY_LABEL_SERVICE_ACCOUNT,
-    },
+use crate::identity::labels::{
+    LABEL_SOURCE_K8S, Label, LabelArray, POD_NAMESPACE_LABEL, POLICY_LABEL_CLUSTER,
+    POLICY_LABEL_SERVICE_ACCOUNT,
 };
 
 pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";

@@ -3,6 +3,7 @@
 //! reading them — a manifests directory (demo, dev VMs, tests) and the API server — produce
 //! the same [`Objects`], translated by the same functions.
 
+pub mod annotations;
 pub mod api;
 pub mod labels;
 pub mod manifests;

@@ -7,16 +7,14 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::{
-    clustermesh::{annotations, convert},
-    state::{self, Backend, BackendState, ClusterName, PortMap},
-};
+use super::annotations;
+use crate::state::{self, Backend, BackendState, ClusterName, PortMap};
 
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 fn protocol(p: Option<&str>) -> Option<state::Protocol> {
-    convert::protocol(p.unwrap_or("TCP"))
+    state::Protocol::parse(p.unwrap_or("TCP"))
 }
 
 /// The service as the local cluster defines it; `None` for services without a ClusterIP
@@ -104,18 +102,14 @@ pub fn cluster_service(
         tracing::warn!(service = %format!("{namespace}/{name}"), "{warning}");
     }
     Some(state::ClusterService {
-        name: convert::service_name(&namespace, &name),
+        name: state::ServiceName::new(&namespace, &name),
         cluster,
         cluster_id,
         frontends,
         backends: backends.into_values().collect(),
         global: parsed.global,
         shared: parsed.shared,
-        affinity: match parsed.affinity {
-            annotations::Affinity::Local => state::Affinity::Local,
-            annotations::Affinity::Remote => state::Affinity::Remote,
-            annotations::Affinity::None => state::Affinity::None,
-        },
+        affinity: parsed.affinity,
     })
 }
 

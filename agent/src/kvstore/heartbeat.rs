@@ -80,7 +80,7 @@ impl Drop for HeartbeatTracker {
 
 /// Writes the heartbeat once: `Put{cilium/.heartbeat, <RFC 3339 now>, lease}`.
 pub async fn write_heartbeat(client: &EtcdClient, lease: Option<i64>) -> Result<()> {
-    let value = crate::clustermesh::timestamp::now_rfc3339();
+    let value = crate::wire::timestamp::now_rfc3339();
     match tokio::time::timeout(
         HEARTBEAT_WRITE_TIMEOUT,
         client.put(HEARTBEAT_PATH, value, lease),

@@ -3,8 +3,8 @@
 //! source. Namespace scoping is applied here, see [`Selector::for_endpoint`] and
 //! [`Selector::for_peer`].
 
-use crate::clustermesh::labels::POD_NAMESPACE_LABEL;
-use crate::clustermesh::labels::{LABEL_SOURCE_K8S, LABEL_SOURCE_RESERVED, LabelArray};
+use crate::identity::labels::POD_NAMESPACE_LABEL;
+use crate::identity::labels::{LABEL_SOURCE_K8S, LABEL_SOURCE_RESERVED, LabelArray};
 
 use super::types::{LabelSelector, SelectorOperator};
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use super::*;
-use crate::clustermesh::labels::{LabelArray, POD_NAMESPACE_LABEL, POLICY_LABEL_CLUSTER};
+use crate::identity::labels::{LabelArray, POD_NAMESPACE_LABEL, POLICY_LABEL_CLUSTER};
 
 const FRONTEND_USA: u32 = 70001;
 const FRONTEND_EUROPE: u32 = 1001;

@@ -2,10 +2,8 @@
 
 use std::collections::BTreeSet;
 
-use crate::clustermesh::identity::{
-    IDENTITY_ENCRYPTED_OVERLAY, IDENTITY_HOST, reserved_identity_name,
-};
-use crate::clustermesh::labels::{LABEL_SOURCE_RESERVED, Label, LabelArray};
+use crate::identity::labels::{LABEL_SOURCE_RESERVED, Label, LabelArray};
+use crate::identity::{IDENTITY_ENCRYPTED_OVERLAY, IDENTITY_HOST, reserved_identity_name};
 
 use super::selector::Selector;
 use super::types::{CiliumPolicy, EgressRule, IngressRule, LabelSelector, PortRule};

@@ -52,6 +52,15 @@ pub struct ServiceName {
     pub name: String,
 }
 
+impl ServiceName {
+    pub fn new(namespace: &str, name: &str) -> ServiceName {
+        ServiceName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
 impl std::fmt::Display for ServiceName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
@@ -66,6 +75,18 @@ pub enum Protocol {
     Sctp,
 }
 
+impl Protocol {
+    /// Kubernetes' and Cilium's spelling (`TCP`, any case).
+    pub fn parse(p: &str) -> Option<Protocol> {
+        match p.to_ascii_uppercase().as_str() {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
 /// A port of a frontend or backend: name (`""` when unnamed) → protocol and number.
 pub type PortMap = BTreeMap<String, (Protocol, u16)>;
 
@@ -76,6 +97,16 @@ pub enum Affinity {
     None,
     Local,
     Remote,
+}
+
+impl std::fmt::Display for Affinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Affinity::None => "none",
+            Affinity::Local => "local",
+            Affinity::Remote => "remote",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

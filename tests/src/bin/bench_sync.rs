@@ -15,12 +15,12 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use etcd_client::{Txn, TxnOp};
 use strait::{
-    clustermesh::{
-        MaxConnectedClusters,
+    identity::MaxConnectedClusters,
+    kvstore::EtcdClient,
+    mesh::{
         manager::ClusterMesh,
         remote::{LocalCluster, RemoteTiming},
     },
-    kvstore::EtcdClient,
     metrics::Metrics,
     state::StateHandle,
 };

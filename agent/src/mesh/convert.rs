@@ -4,10 +4,10 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 
-use super::{ClusterService, IpIdentityPair, Node, PortConfiguration, validate::Identity};
 use crate::state::{self, ClusterName, PortMap, Protocol};
+use crate::wire::{IpIdentityPair, KvClusterService, KvIdentity, KvNode, PortConfiguration};
 
-pub fn node(n: &Node, cluster: ClusterName) -> state::Node {
+pub fn node(n: &KvNode, cluster: ClusterName) -> state::Node {
     state::Node {
         cluster,
         cluster_id: n.cluster_id,
@@ -20,7 +20,7 @@ pub fn node(n: &Node, cluster: ClusterName) -> state::Node {
     }
 }
 
-pub fn identity(i: &Identity, cluster: ClusterName) -> state::Identity {
+pub fn identity(i: &KvIdentity, cluster: ClusterName) -> state::Identity {
     state::Identity {
         id: i.id,
         cluster,
@@ -45,9 +45,9 @@ pub fn endpoint(p: &IpIdentityPair, cluster: ClusterName) -> Option<state::Endpo
 
 /// A remote cluster's exported service. Exported means global; the remote's own affinity
 /// does not matter to us (only the local service's affinity decides).
-pub fn service(s: &ClusterService, cluster: ClusterName) -> state::ClusterService {
+pub fn service(s: &KvClusterService, cluster: ClusterName) -> state::ClusterService {
     state::ClusterService {
-        name: service_name(&s.namespace, &s.name),
+        name: state::ServiceName::new(&s.namespace, &s.name),
         cluster,
         cluster_id: s.cluster_id,
         frontends: addresses(&s.frontends).collect(),
@@ -64,13 +64,6 @@ pub fn service(s: &ClusterService, cluster: ClusterName) -> state::ClusterServic
     }
 }
 
-pub fn service_name(namespace: &str, name: &str) -> state::ServiceName {
-    state::ServiceName {
-        namespace: namespace.into(),
-        name: name.into(),
-    }
-}
-
 /// Address → ports; entries whose address does not parse are skipped (the decoder already
 /// refuses values containing them).
 fn addresses(
@@ -83,17 +76,8 @@ fn addresses(
 fn port_map(ports: &PortConfiguration) -> PortMap {
     ports
         .iter()
-        .filter_map(|(name, l4)| Some((name.clone(), (protocol(&l4.protocol)?, l4.port))))
+        .filter_map(|(name, l4)| Some((name.clone(), (Protocol::parse(&l4.protocol)?, l4.port))))
         .collect()
-}
-
-pub fn protocol(p: &str) -> Option<Protocol> {
-    match p.to_ascii_uppercase().as_str() {
-        "TCP" => Some(Protocol::Tcp),
-        "UDP" => Some(Protocol::Udp),
-        "SCTP" => Some(Protocol::Sctp),
-        _ => None,
-    }
 }
 
 /// The ipcache key suffix of a deleted entry: an address (host prefix) or a CIDR.

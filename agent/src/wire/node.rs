@@ -18,7 +18,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::ClustermeshError;
+use super::WireError;
 use super::gonet::{empty_as_null, go_cidr, go_cidr_list, go_ip};
 use super::json::{from_json, to_go_json};
 
@@ -58,7 +58,7 @@ impl NodeAddress {
 
 /// A node as published in etcd.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Node {
+pub struct KvNode {
     #[serde(rename = "Name", default)]
     pub name: String,
     #[serde(rename = "Cluster", default)]
@@ -106,12 +106,12 @@ pub struct Node {
     pub boot_id: String,
 }
 
-impl Node {
+impl KvNode {
     pub fn new(cluster: &str, name: &str) -> Self {
-        Node {
+        KvNode {
             name: name.to_owned(),
             cluster: cluster.to_owned(),
-            ..Node::default()
+            ..KvNode::default()
         }
     }
 
@@ -123,7 +123,7 @@ impl Node {
     /// `<cluster>/<name>`, or just the name in the cluster named `default` (Cilium's
     /// `Fullname`, e.g. WireGuard peer names).
     pub fn fullname(&self) -> String {
-        if self.cluster == super::cluster::DEFAULT_CLUSTER_NAME {
+        if self.cluster == crate::identity::cluster::DEFAULT_CLUSTER_NAME {
             self.name.clone()
         } else {
             self.key_name()
@@ -193,11 +193,11 @@ impl Node {
     }
 
     /// The WireGuard public key as raw bytes; an error when present but not 32 base64 bytes.
-    pub fn wireguard_pub_key_bytes(&self) -> Result<Option<[u8; 32]>, ClustermeshError> {
+    pub fn wireguard_pub_key_bytes(&self) -> Result<Option<[u8; 32]>, WireError> {
         let Some(key) = self.wireguard_pub_key() else {
             return Ok(None);
         };
-        let invalid = |reason: String| ClustermeshError::InvalidWireguardKey {
+        let invalid = |reason: String| WireError::InvalidWireguardKey {
             key: key.to_owned(),
             reason,
         };
@@ -211,12 +211,12 @@ impl Node {
     }
 
     /// Go-identical JSON bytes.
-    pub fn encode(&self) -> Result<Vec<u8>, ClustermeshError> {
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
         to_go_json(self, "node")
     }
 
     /// Decodes without validation (see `validate::decode_remote_node`).
-    pub fn decode(bytes: &[u8]) -> Result<Self, ClustermeshError> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         from_json(bytes, "node")
     }
 }
@@ -233,8 +233,8 @@ pub(crate) mod tests {
             .replace("KEY", WG_KEY)
     }
 
-    pub fn golden_node() -> Node {
-        let mut n = Node::new("c1", "node-a");
+    pub fn golden_node() -> KvNode {
+        let mut n = KvNode::new("c1", "node-a");
         n.ip_addresses = vec![
             NodeAddress::new(ADDR_INTERNAL_IP, "172.18.0.3".parse().unwrap()),
             NodeAddress::new(ADDR_CILIUM_INTERNAL_IP, "10.1.0.12".parse().unwrap()),
@@ -261,7 +261,7 @@ pub(crate) mod tests {
     #[test]
     fn golden_round_trip() {
         let json = golden_json();
-        let n = Node::decode(json.as_bytes()).unwrap();
+        let n = KvNode::decode(json.as_bytes()).unwrap();
         assert_eq!(n, golden_node());
         assert_eq!(n.encode().unwrap(), json.as_bytes());
     }
@@ -283,12 +283,12 @@ pub(crate) mod tests {
         );
         assert_eq!(n.key_name(), "c1/node-a");
         assert_eq!(n.fullname(), "c1/node-a");
-        assert_eq!(Node::new("default", "x").fullname(), "x");
+        assert_eq!(KvNode::new("default", "x").fullname(), "x");
     }
 
     #[test]
     fn node_ip_preference() {
-        let mut n = Node::new("c", "n");
+        let mut n = KvNode::new("c", "n");
         let a = |t: &str, ip: &str| NodeAddress::new(t, ip.parse().unwrap());
         n.ip_addresses = vec![
             a(ADDR_CILIUM_INTERNAL_IP, "10.0.0.1"),
@@ -310,7 +310,7 @@ pub(crate) mod tests {
 
     #[test]
     fn wireguard_key_sources() {
-        let mut n = Node::new("c", "n");
+        let mut n = KvNode::new("c", "n");
         assert_eq!(n.wireguard_pub_key(), None);
         assert!(n.wireguard_pub_key_bytes().unwrap().is_none());
         n.annotations
@@ -327,7 +327,7 @@ pub(crate) mod tests {
     fn decodes_other_versions() {
         // v1.16-style: NodeIdentity, no BootID; CIDRs in string form; IPv6 mask; unknown field.
         let json = r#"{"Name":"n","Cluster":"c","IPAddresses":null,"IPv4AllocCIDR":"10.2.0.0/24","IPv4SecondaryAllocCIDRs":["10.3.0.0/16"],"IPv6AllocCIDR":{"IP":"fd00:2::","Mask":"//////////8AAAAAAAAAAA=="},"IPv6SecondaryAllocCIDRs":null,"IPv4HealthIP":"","IPv6HealthIP":"fd00:2::5","ClusterID":2,"Source":"local","EncryptionKey":0,"Labels":null,"Annotations":null,"NodeIdentity":6,"WireguardPubKey":"","Future":{"x":1}}"#;
-        let n = Node::decode(json.as_bytes()).unwrap();
+        let n = KvNode::decode(json.as_bytes()).unwrap();
         assert_eq!(n.node_identity, Some(6));
         assert_eq!(n.ipv4_ingress_ip, None);
         assert_eq!(n.ipv6_health_ip, Some("fd00:2::5".parse().unwrap()));
@@ -345,26 +345,26 @@ pub(crate) mod tests {
         assert!(out.ends_with(r#""NodeIdentity":6,"WireguardPubKey":"","BootID":""}"#));
 
         // Minimal value: everything optional defaults.
-        let n = Node::decode(br#"{"Name":"n","Cluster":"c"}"#).unwrap();
-        assert_eq!(n, Node::new("c", "n"));
+        let n = KvNode::decode(br#"{"Name":"n","Cluster":"c"}"#).unwrap();
+        assert_eq!(n, KvNode::new("c", "n"));
         assert_eq!(
             String::from_utf8(n.encode().unwrap()).unwrap(),
             r#"{"Name":"n","Cluster":"c","IPAddresses":null,"IPv4AllocCIDR":null,"IPv4SecondaryAllocCIDRs":null,"IPv6AllocCIDR":null,"IPv6SecondaryAllocCIDRs":null,"IPv4HealthIP":"","IPv6HealthIP":"","IPv4IngressIP":"","IPv6IngressIP":"","ClusterID":0,"Source":"","EncryptionKey":0,"Labels":null,"Annotations":null,"WireguardPubKey":"","BootID":""}"#
         );
 
-        assert!(Node::decode(br#"{"Name":"n","IPv4HealthIP":"nope"}"#).is_err());
-        assert!(Node::decode(br#"{"Name":"n","EncryptionKey":256}"#).is_err());
+        assert!(KvNode::decode(br#"{"Name":"n","IPv4HealthIP":"nope"}"#).is_err());
+        assert!(KvNode::decode(br#"{"Name":"n","EncryptionKey":256}"#).is_err());
     }
 
     #[test]
     fn go_escaping_in_labels() {
-        let mut n = Node::new("c", "n");
+        let mut n = KvNode::new("c", "n");
         n.labels.insert("a<b".into(), "x>y&z".into());
         let out = String::from_utf8(n.encode().unwrap()).unwrap();
         assert!(
             out.contains(r#""Labels":{"a\u003cb":"x\u003ey\u0026z"}"#),
             "{out}"
         );
-        assert_eq!(Node::decode(out.as_bytes()).unwrap(), n);
+        assert_eq!(KvNode::decode(out.as_bytes()).unwrap(), n);
     }
 }

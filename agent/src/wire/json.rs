@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::ser::Formatter;
 
-use super::ClustermeshError;
+use super::WireError;
 
 /// A compact `serde_json` formatter adding Go's HTML-safe string escapes.
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,12 +48,12 @@ impl Formatter for GoFormatter {
 pub fn to_go_json<T: Serialize + ?Sized>(
     value: &T,
     what: &'static str,
-) -> Result<Vec<u8>, ClustermeshError> {
+) -> Result<Vec<u8>, WireError> {
     let mut out = Vec::with_capacity(256);
     let mut ser = serde_json::Serializer::with_formatter(&mut out, GoFormatter);
     value
         .serialize(&mut ser)
-        .map_err(|source| ClustermeshError::Encode { what, source })?;
+        .map_err(|source| WireError::Encode { what, source })?;
     Ok(out)
 }
 
@@ -61,18 +61,15 @@ pub fn to_go_json<T: Serialize + ?Sized>(
 pub fn to_go_json_string<T: Serialize + ?Sized>(
     value: &T,
     what: &'static str,
-) -> Result<String, ClustermeshError> {
+) -> Result<String, WireError> {
     let bytes = to_go_json(value, what)?;
     // serde_json only ever writes UTF-8; the fallback keeps this free of panics regardless.
     Ok(String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into()))
 }
 
 /// Decodes a value, ignoring unknown fields (as Go readers do).
-pub fn from_json<T: DeserializeOwned>(
-    bytes: &[u8],
-    what: &'static str,
-) -> Result<T, ClustermeshError> {
-    serde_json::from_slice(bytes).map_err(|source| ClustermeshError::Decode { what, source })
+pub fn from_json<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, WireError> {
+    serde_json::from_slice(bytes).map_err(|source| WireError::Decode { what, source })
 }
 
 /// serde helpers shared by the value types.

@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 
 pub use super::gonet::IpMask;
 
-use super::ClustermeshError;
+use super::WireError;
 use super::gonet::go_ip;
-use super::identity::NumericIdentity;
 use super::json::helpers::null_as_default;
 use super::json::{from_json, to_go_json};
+use crate::identity::NumericIdentity;
 
 /// Prefix of the `Metadata` field kvstore-mode agents write.
 pub const METADATA_GLOBAL_PREFIX: &str = "cilium-global";
@@ -131,12 +131,12 @@ impl IpIdentityPair {
     }
 
     /// Go-identical JSON bytes.
-    pub fn encode(&self) -> Result<Vec<u8>, ClustermeshError> {
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
         to_go_json(self, "ipcache entry")
     }
 
     /// Decodes without validation (see `validate::decode_remote_ipcache`).
-    pub fn decode(bytes: &[u8]) -> Result<Self, ClustermeshError> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         from_json(bytes, "ipcache entry")
     }
 }

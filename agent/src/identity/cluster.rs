@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::ClustermeshError;
+use super::ClusterError;
 
 /// Longest accepted cluster name.
 pub const CLUSTER_NAME_MAX_LEN: usize = 32;
@@ -27,11 +27,11 @@ pub enum MaxConnectedClusters {
 
 impl MaxConnectedClusters {
     /// Accepts only 255 and 511, as Cilium does.
-    pub fn from_u32(v: u32) -> Result<Self, ClustermeshError> {
+    pub fn from_u32(v: u32) -> Result<Self, ClusterError> {
         match v {
             255 => Ok(Self::Max255),
             511 => Ok(Self::Max511),
-            other => Err(ClustermeshError::InvalidMaxConnectedClusters(other)),
+            other => Err(ClusterError::InvalidMaxConnectedClusters(other)),
         }
     }
 
@@ -69,12 +69,12 @@ impl fmt::Display for MaxConnectedClusters {
 }
 
 /// A remote (or our own, in a mesh) cluster ID must be 1..=max; 0 means "no ClusterMesh".
-pub fn validate_cluster_id(id: u32, max: MaxConnectedClusters) -> Result<(), ClustermeshError> {
+pub fn validate_cluster_id(id: u32, max: MaxConnectedClusters) -> Result<(), ClusterError> {
     if id == 0 {
-        return Err(ClustermeshError::ReservedClusterId);
+        return Err(ClusterError::ReservedClusterId);
     }
     if id > max.cluster_id_max() {
-        return Err(ClustermeshError::ClusterIdOutOfRange {
+        return Err(ClusterError::ClusterIdOutOfRange {
             id,
             max: max.cluster_id_max(),
         });
@@ -84,9 +84,9 @@ pub fn validate_cluster_id(id: u32, max: MaxConnectedClusters) -> Result<(), Clu
 
 /// Cilium's cluster name rule: non-empty, at most 32 characters, and matching
 /// `^([a-z0-9][-a-z0-9]*)?[a-z0-9]$` (lowercase alphanumerics and inner dashes).
-pub fn validate_cluster_name(name: &str) -> Result<(), ClustermeshError> {
+pub fn validate_cluster_name(name: &str) -> Result<(), ClusterError> {
     let fail = |reason| {
-        Err(ClustermeshError::InvalidClusterName {
+        Err(ClusterError::InvalidClusterName {
             name: name.to_owned(),
             reason,
         })
@@ -115,16 +115,16 @@ pub fn validate_local_cluster(
     name: &str,
     id: u32,
     max: MaxConnectedClusters,
-) -> Result<(), ClustermeshError> {
+) -> Result<(), ClusterError> {
     validate_cluster_name(name)?;
     if id > max.cluster_id_max() {
-        return Err(ClustermeshError::ClusterIdOutOfRange {
+        return Err(ClusterError::ClusterIdOutOfRange {
             id,
             max: max.cluster_id_max(),
         });
     }
     if name == DEFAULT_CLUSTER_NAME && id != 0 {
-        return Err(ClustermeshError::DefaultNameWithClusterId(id));
+        return Err(ClusterError::DefaultNameWithClusterId(id));
     }
     Ok(())
 }
@@ -150,13 +150,13 @@ mod tests {
         use MaxConnectedClusters::*;
         assert!(matches!(
             validate_cluster_id(0, Max255),
-            Err(ClustermeshError::ReservedClusterId)
+            Err(ClusterError::ReservedClusterId)
         ));
         assert!(validate_cluster_id(1, Max255).is_ok());
         assert!(validate_cluster_id(255, Max255).is_ok());
         assert!(matches!(
             validate_cluster_id(256, Max255),
-            Err(ClustermeshError::ClusterIdOutOfRange { id: 256, max: 255 })
+            Err(ClusterError::ClusterIdOutOfRange { id: 256, max: 255 })
         ));
         assert!(validate_cluster_id(511, Max511).is_ok());
         assert!(validate_cluster_id(512, Max511).is_err());
@@ -189,7 +189,7 @@ mod tests {
         assert!(validate_local_cluster("default", 0, Max255).is_ok());
         assert!(matches!(
             validate_local_cluster("default", 1, Max255),
-            Err(ClustermeshError::DefaultNameWithClusterId(1))
+            Err(ClusterError::DefaultNameWithClusterId(1))
         ));
         assert!(validate_local_cluster("cluster-usa", 1, Max255).is_ok());
         assert!(validate_local_cluster("cluster-usa", 0, Max255).is_ok());

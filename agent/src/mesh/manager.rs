@@ -12,17 +12,17 @@ use std::{
 use tokio::task::JoinHandle;
 
 use super::{
-    DataKind,
     remote::{
         LocalCluster, PresentKeys, RemoteCluster, RemoteClusterStatus, RemoteHandle, RemoteTiming,
     },
     sync::{ClusterSource, KindSync, Origin, SyncFlags},
-    validate_cluster_name,
 };
 use crate::{
+    identity::validate_cluster_name,
     kvstore::{ClustermeshConfigDir, ConfigEvent, EtcdClient, ListWatcher},
     metrics::Metrics,
     state::StateHandle,
+    wire::DataKind,
 };
 
 /// How often the config directory is polled.

@@ -7,14 +7,14 @@
 
 use std::net::IpAddr;
 
-use super::cluster::{MaxConnectedClusters, validate_cluster_id};
-use super::config::ClusterConfig;
-use super::identity::{self, IdentityRange, NumericIdentity};
+use super::config::KvClusterConfig;
 use super::ipcache::IpIdentityPair;
-use super::labels::{LABEL_SOURCE_K8S, LabelArray, POLICY_LABEL_CLUSTER};
-use super::node::Node;
-use super::service::ClusterService;
-use super::{ClustermeshError, json};
+use super::node::KvNode;
+use super::service::KvClusterService;
+use super::{WireError, json};
+use crate::identity::cluster::{MaxConnectedClusters, validate_cluster_id};
+use crate::identity::labels::{LABEL_SOURCE_K8S, LabelArray, POLICY_LABEL_CLUSTER};
+use crate::identity::{self, ClusterError, IdentityRange, NumericIdentity};
 
 pub const KIND_NODE: &str = "node";
 pub const KIND_SERVICE: &str = "service";
@@ -45,7 +45,7 @@ impl RemoteContext {
     /// Context from a config accepted by [`decode_remote_cluster_config`].
     pub fn from_config(
         name: &str,
-        config: &ClusterConfig,
+        config: &KvClusterConfig,
         local_max: MaxConnectedClusters,
     ) -> Self {
         RemoteContext::new(name, config.id, local_max)
@@ -142,14 +142,14 @@ impl Rejection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServiceOutcome {
     /// Shared: merge its backends.
-    Upsert(ClusterService),
+    Upsert(KvClusterService),
     /// `shared: false`: ignore it, or delete it if it was imported before.
-    NotShared(ClusterService),
+    NotShared(KvClusterService),
 }
 
 /// A decoded identity (`…/id/<n>` → labels).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
+pub struct KvIdentity {
     pub id: NumericIdentity,
     pub labels: LabelArray,
 }
@@ -164,7 +164,7 @@ fn decode_json<T: serde::de::DeserializeOwned>(
     }
     json::from_json(value, kind).map_err(|e| {
         let msg = match e {
-            ClustermeshError::Decode { source, .. } => source.to_string(),
+            WireError::Decode { source, .. } => source.to_string(),
             other => other.to_string(),
         };
         Rejection::new(kind, RejectReason::Decode(msg))
@@ -227,12 +227,12 @@ fn check_cluster_id(
 pub fn decode_remote_cluster_config(
     local_max: MaxConnectedClusters,
     value: &[u8],
-) -> Result<ClusterConfig, Rejection> {
+) -> Result<KvClusterConfig, Rejection> {
     let kind = KIND_CLUSTER_CONFIG;
-    let config: ClusterConfig = decode_json(kind, value)?;
+    let config: KvClusterConfig = decode_json(kind, value)?;
     validate_cluster_id(config.id, local_max).map_err(|e| {
         let reason = match e {
-            ClustermeshError::ReservedClusterId => RejectReason::ReservedClusterId,
+            ClusterError::ReservedClusterId => RejectReason::ReservedClusterId,
             _ => RejectReason::InvalidClusterId {
                 id: config.id,
                 max: local_max.cluster_id_max(),
@@ -280,9 +280,9 @@ pub fn check_cluster_id_available<'a>(
 
 /// Decodes a node of our own cluster (kvstore mode): decodable, named, and its name matches
 /// the key.
-pub fn decode_local_node(key_suffix: &str, value: &[u8]) -> Result<Node, Rejection> {
+pub fn decode_local_node(key_suffix: &str, value: &[u8]) -> Result<KvNode, Rejection> {
     let kind = KIND_NODE;
-    let node: Node = decode_json(kind, value)?;
+    let node: KvNode = decode_json(kind, value)?;
     require(kind, "Name", &node.name)?;
     require(kind, "Cluster", &node.cluster)?;
     if node.name != key_suffix {
@@ -303,7 +303,7 @@ pub fn decode_remote_node(
     remote: &RemoteContext,
     key_suffix: &str,
     value: &[u8],
-) -> Result<Node, Rejection> {
+) -> Result<KvNode, Rejection> {
     let node = decode_local_node(key_suffix, value)?;
     check_cluster(KIND_NODE, "Cluster", remote, &node.cluster)?;
     check_cluster_id(KIND_NODE, remote, node.cluster_id)?;
@@ -315,9 +315,9 @@ pub fn decode_remote_node(
 
 /// Decodes a service of our own cluster: decodable, non-empty names, `<ns>/<name>` matches
 /// the key, and every frontend/backend key is an IP.
-pub fn decode_local_service(key_suffix: &str, value: &[u8]) -> Result<ClusterService, Rejection> {
+pub fn decode_local_service(key_suffix: &str, value: &[u8]) -> Result<KvClusterService, Rejection> {
     let kind = KIND_SERVICE;
-    let svc: ClusterService = decode_json(kind, value)?;
+    let svc: KvClusterService = decode_json(kind, value)?;
     require(kind, "cluster", &svc.cluster)?;
     require(kind, "namespace", &svc.namespace)?;
     require(kind, "name", &svc.name)?;
@@ -373,7 +373,7 @@ pub fn decode_remote_service(
 
 /// Decodes an identity of our own cluster: the key (after an optional leading `/`) is a
 /// decimal ID and the value a non-empty label list.
-pub fn decode_local_identity(key_suffix: &str, value: &[u8]) -> Result<Identity, Rejection> {
+pub fn decode_local_identity(key_suffix: &str, value: &[u8]) -> Result<KvIdentity, Rejection> {
     let kind = KIND_IDENTITY;
     let digits = key_suffix.strip_prefix('/').unwrap_or(key_suffix);
     // `parse` alone would accept a leading '+'.
@@ -394,7 +394,7 @@ pub fn decode_local_identity(key_suffix: &str, value: &[u8]) -> Result<Identity,
     if labels.is_empty() {
         return Err(Rejection::new(kind, RejectReason::EmptyValue));
     }
-    Ok(Identity { id, labels })
+    Ok(KvIdentity { id, labels })
 }
 
 /// Decodes a remote identity: as [`decode_local_identity`], plus the ID must lie in the
@@ -404,7 +404,7 @@ pub fn decode_remote_identity(
     remote: &RemoteContext,
     key_suffix: &str,
     value: &[u8],
-) -> Result<Identity, Rejection> {
+) -> Result<KvIdentity, Rejection> {
     let kind = KIND_IDENTITY;
     let ident = decode_local_identity(key_suffix, value)?;
     let range = remote.identity_range();
@@ -484,8 +484,8 @@ pub fn decode_remote_ipcache(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clustermesh::identity::{IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD};
-    use crate::clustermesh::{ipcache, node, service};
+    use crate::identity::{IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD};
+    use crate::wire::{ipcache, node, service};
     use MaxConnectedClusters::*;
 
     fn c1() -> RemoteContext {
@@ -556,7 +556,7 @@ mod tests {
 
     // ---- nodes
 
-    fn node_json(edit: impl FnOnce(&mut Node)) -> Vec<u8> {
+    fn node_json(edit: impl FnOnce(&mut KvNode)) -> Vec<u8> {
         let mut n = node::tests::golden_node();
         edit(&mut n);
         n.encode().unwrap()
@@ -612,7 +612,7 @@ mod tests {
 
     // ---- services
 
-    fn svc_json(edit: impl FnOnce(&mut ClusterService)) -> Vec<u8> {
+    fn svc_json(edit: impl FnOnce(&mut KvClusterService)) -> Vec<u8> {
         let mut s = service::tests::golden_service();
         edit(&mut s);
         s.encode().unwrap()
@@ -792,7 +792,7 @@ mod tests {
         assert_eq!(p.id, 255);
         let prefix = ip_json(|p| {
             p.ip = Some("10.0.0.0".parse().unwrap());
-            p.mask = Some(crate::clustermesh::IpMask::from_prefix_len(24, true));
+            p.mask = Some(crate::wire::IpMask::from_prefix_len(24, true));
         });
         assert!(decode_remote_ipcache(&r, "10.0.0.0/24", &prefix).is_ok());
         // Own cluster: no range rule, no remap.
@@ -813,11 +813,10 @@ mod tests {
             reason(d("10.6.6.43/32", ip_json(|_| {}))),
             "ip-key-mismatch"
         );
-        let prefix =
-            ip_json(|p| p.mask = Some(crate::clustermesh::IpMask::from_prefix_len(32, true)));
+        let prefix = ip_json(|p| p.mask = Some(crate::wire::IpMask::from_prefix_len(32, true)));
         assert_eq!(reason(d("10.6.6.43", prefix)), "ip-key-mismatch");
         assert_eq!(reason(d("", ip_json(|p| p.ip = None))), "invalid-ip");
-        let bad_mask = ip_json(|p| p.mask = Some(crate::clustermesh::IpMask(vec![255, 0, 255, 0])));
+        let bad_mask = ip_json(|p| p.mask = Some(crate::wire::IpMask(vec![255, 0, 255, 0])));
         assert_eq!(reason(d("10.6.6.43/0", bad_mask)), "invalid-ip");
         // ipcache's own example carries a cluster-0 identity: out of c1's range.
         assert_eq!(
@@ -835,7 +834,7 @@ mod tests {
         assert_eq!(
             reason(d(
                 "10.6.6.43",
-                ip_json(|p| p.id = crate::clustermesh::identity::LOCAL_SCOPE_FLAG | 65540)
+                ip_json(|p| p.id = crate::identity::LOCAL_SCOPE_FLAG | 65540)
             )),
             "identity-out-of-range"
         );

@@ -1,10 +1,19 @@
 //! Numeric security identities: reserved and well-known values, and the slice of the 24-bit
 //! space each cluster allocates from (Cilium `pkg/identity/numericidentity.go`,
 //! `pkg/clustermesh/types`).
+//!
+//! Who is who in a mesh, shared by every layer above: [`cluster`] names and IDs, numeric
+//! identities and their per-cluster ranges (here), and identity [`labels`]. Pure Rust.
 
 use std::fmt;
 
-use super::cluster::{IDENTITY_BITS, MaxConnectedClusters};
+pub mod cluster;
+pub mod labels;
+
+pub use cluster::{MaxConnectedClusters, validate_cluster_id, validate_cluster_name};
+pub use labels::{Label, LabelArray};
+
+use cluster::IDENTITY_BITS;
 
 /// A numeric security identity as carried in etcd and in the datapath.
 pub type NumericIdentity = u32;
@@ -141,6 +150,21 @@ impl fmt::Display for IdentityRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.min, self.max)
     }
+}
+
+/// A cluster name, cluster ID or `maxConnectedClusters` value that Cilium would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    #[error("invalid cluster name {name:?}: {reason}")]
+    InvalidClusterName { name: String, reason: &'static str },
+    #[error("ClusterID 0 is reserved")]
+    ReservedClusterId,
+    #[error("ClusterID {id} is out of range (valid: 1..={max})")]
+    ClusterIdOutOfRange { id: u32, max: u32 },
+    #[error("max-connected-clusters must be 255 or 511, got {0}")]
+    InvalidMaxConnectedClusters(u32),
+    #[error("cluster name \"default\" cannot be used with a non-zero cluster ID ({0})")]
+    DefaultNameWithClusterId(u32),
 }
 
 #[cfg(test)]

@@ -9,18 +9,19 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use super::{
-    DataKind, MaxConnectedClusters,
-    keys::{self, canary_registration, state_key_to_cache_key},
-    remote::retrieve_config,
-    timestamp,
-};
+use super::remote::retrieve_config;
 use crate::{
+    identity::MaxConnectedClusters,
     kvstore::{
         ClustermeshConfigDir, ConfigEvent, EtcdClient, EtcdConfig, Lease, ListWatcher, WatchEvent,
     },
     metrics::Metrics,
     task::{AbortOnDrop, recv_opt},
+    wire::{
+        DataKind, KvClusterConfig,
+        keys::{self, canary_registration, state_key_to_cache_key},
+        timestamp,
+    },
 };
 
 /// Cilium's KVStoreMesh drain grace period.
@@ -51,7 +52,7 @@ impl Default for MeshOptions {
         Self {
             local_cluster_id: None,
             local_max: MaxConnectedClusters::Max255,
-            lease_ttl: super::publisher::NODE_LEASE_TTL,
+            lease_ttl: crate::publish::publisher::NODE_LEASE_TTL,
             config_timeout: Duration::from_secs(180),
             drain_grace: DRAIN_GRACE,
         }
@@ -129,7 +130,7 @@ impl KvstoreMesh {
 /// and re-created when lost. `syncedCanaries` is off: every agent publishes its own node and
 /// endpoints (Cilium's kvstore mode), so no single writer can announce "synced".
 async fn publish_own_config(local: EtcdClient, name: String, id: u32, options: MeshOptions) {
-    let mut config = super::ClusterConfig::for_publisher(id, options.local_max.value(), false);
+    let mut config = KvClusterConfig::for_publisher(id, options.local_max.value(), false);
     config.capabilities.synced_canaries = false;
     let key = keys::cluster_config_key(&name);
     let value = match config.encode() {

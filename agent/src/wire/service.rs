@@ -1,11 +1,11 @@
-//! `cilium/state/services/v1/<cluster>/<namespace>/<name>`: Cilium's `ClusterService`, a
+//! `cilium/state/services/v1/<cluster>/<namespace>/<name>`: Cilium's `KvClusterService`, a
 //! global service's frontends and ready backends as one cluster exports them.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::ClustermeshError;
+use super::WireError;
 use super::json::helpers::null_as_default;
 use super::json::{from_json, to_go_json};
 
@@ -35,7 +35,7 @@ pub type PortConfiguration = BTreeMap<String, L4Addr>;
 /// `omitempty`, so empty maps are written as `{}` (Cilium always initialises them).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ClusterService {
+pub struct KvClusterService {
     #[serde(default)]
     pub cluster: String,
     #[serde(default)]
@@ -88,18 +88,18 @@ fn ip_port_map<'de, D: Deserializer<'de>>(
         .collect())
 }
 
-impl ClusterService {
+impl KvClusterService {
     /// An exported service as Cilium writes it: `includeExternal` and `shared` set (only
     /// shared global services are exported).
     pub fn new(cluster: &str, namespace: &str, name: &str, cluster_id: u32) -> Self {
-        ClusterService {
+        KvClusterService {
             cluster: cluster.to_owned(),
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             include_external: true,
             shared: true,
             cluster_id,
-            ..ClusterService::default()
+            ..KvClusterService::default()
         }
     }
 
@@ -115,12 +115,12 @@ impl ClusterService {
     }
 
     /// Go-identical JSON bytes.
-    pub fn encode(&self) -> Result<Vec<u8>, ClustermeshError> {
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
         to_go_json(self, "service")
     }
 
     /// Decodes without validation (see `validate::decode_remote_service`).
-    pub fn decode(bytes: &[u8]) -> Result<Self, ClustermeshError> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         from_json(bytes, "service")
     }
 }
@@ -131,8 +131,8 @@ pub(crate) mod tests {
 
     pub const GOLDEN: &str = r#"{"cluster":"c1","namespace":"default","name":"rebel-base","frontends":{"10.96.12.34":{"http":{"Protocol":"TCP","Port":80}}},"backends":{"10.1.0.77":{"http":{"Protocol":"TCP","Port":8080}}},"hostnames":{},"labels":{},"selector":{"name":"rebel-base"},"includeExternal":true,"shared":true,"clusterID":1}"#;
 
-    pub fn golden_service() -> ClusterService {
-        let mut s = ClusterService::new("c1", "default", "rebel-base", 1);
+    pub fn golden_service() -> KvClusterService {
+        let mut s = KvClusterService::new("c1", "default", "rebel-base", 1);
         let port = |p| PortConfiguration::from([("http".to_owned(), L4Addr::new("TCP", p))]);
         s.frontends.insert("10.96.12.34".into(), port(80));
         s.backends.insert("10.1.0.77".into(), port(8080));
@@ -143,7 +143,7 @@ pub(crate) mod tests {
     #[test]
     fn golden_encode_and_round_trip() {
         assert_eq!(golden_service().encode().unwrap(), GOLDEN.as_bytes());
-        let s = ClusterService::decode(GOLDEN.as_bytes()).unwrap();
+        let s = KvClusterService::decode(GOLDEN.as_bytes()).unwrap();
         assert_eq!(s, golden_service());
         assert_eq!(s.encode().unwrap(), GOLDEN.as_bytes());
         assert_eq!(s.namespaced_name(), "default/rebel-base");
@@ -154,7 +154,7 @@ pub(crate) mod tests {
     fn decodes_older_and_newer() {
         // v1.15: no hostnames; nulls; unnamed port; IPv6 backend; unknown field.
         let json = r#"{"cluster":"c2","namespace":"ns","name":"s","frontends":null,"backends":{"fd00::7":{"":{"Protocol":"UDP","Port":53},"x":null},"10.0.0.9":null},"labels":null,"selector":null,"includeExternal":true,"shared":false,"clusterID":2,"newField":[]}"#;
-        let s = ClusterService::decode(json.as_bytes()).unwrap();
+        let s = KvClusterService::decode(json.as_bytes()).unwrap();
         assert!(s.frontends.is_empty() && !s.shared);
         assert_eq!(s.backends["fd00::7"][""], L4Addr::new("UDP", 53));
         assert_eq!(s.backends["fd00::7"].len(), 1);
@@ -166,13 +166,13 @@ pub(crate) mod tests {
 
         // main: zones carried through.
         let json = r#"{"cluster":"c","namespace":"n","name":"s","frontends":{},"backends":{},"hostnames":{"10.0.0.1":"pod-a"},"labels":{},"selector":{},"includeExternal":true,"shared":true,"clusterID":1,"zones":{"10.0.0.1":{"zone":"a"}}}"#;
-        let s = ClusterService::decode(json.as_bytes()).unwrap();
+        let s = KvClusterService::decode(json.as_bytes()).unwrap();
         assert!(s.zones.is_some());
         assert_eq!(s.encode().unwrap(), json.as_bytes());
 
-        assert!(ClusterService::decode(br#"{"cluster":"c","clusterID":"1"}"#).is_err());
+        assert!(KvClusterService::decode(br#"{"cluster":"c","clusterID":"1"}"#).is_err());
         assert!(
-            ClusterService::decode(br#"{"backends":{"1.1.1.1":{"p":{"Port":70000}}}}"#).is_err()
+            KvClusterService::decode(br#"{"backends":{"1.1.1.1":{"p":{"Port":70000}}}}"#).is_err()
         );
     }
 }

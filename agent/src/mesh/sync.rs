@@ -10,14 +10,15 @@ use std::{
     },
 };
 
-use super::{
-    DataKind, Rejection, RemoteContext, ServiceOutcome, convert,
-    validate::{self as v},
-};
+use super::convert;
 use crate::{
     kvstore::WatchEvent,
     metrics::Metrics,
     state::{StateHandle, StateModel},
+    wire::{
+        DataKind, Rejection, RemoteContext, ServiceOutcome,
+        validate::{self as v},
+    },
 };
 
 /// Whose data this is, which decides the validation rules.
@@ -254,7 +255,7 @@ impl KindSync {
                 match v::decode_remote_service(ctx, suffix, value)? {
                     ServiceOutcome::Upsert(svc) => m.upsert_service(convert::service(&svc, name)),
                     ServiceOutcome::NotShared(svc) => {
-                        let svc_name = convert::service_name(&svc.namespace, &svc.name);
+                        let svc_name = crate::state::ServiceName::new(&svc.namespace, &svc.name);
                         m.delete_service(&self.cluster, &svc_name);
                     }
                 }
@@ -286,7 +287,7 @@ impl KindSync {
             }
             DataKind::Services => {
                 if let Some((ns, name)) = suffix.split_once('/') {
-                    let svc = convert::service_name(ns, name);
+                    let svc = crate::state::ServiceName::new(ns, name);
                     m.delete_service(cluster, &svc);
                 }
             }

@@ -2,7 +2,8 @@
 //! older `io.cilium/…` aliases. The current name wins when both are set.
 
 use std::collections::BTreeMap;
-use std::fmt;
+
+use crate::state::Affinity;
 
 pub const GLOBAL_SERVICE: &str = "service.cilium.io/global";
 pub const GLOBAL_SERVICE_ALIAS: &str = "io.cilium/global-service";
@@ -11,34 +12,6 @@ pub const SHARED_SERVICE_ALIAS: &str = "io.cilium/shared-service";
 pub const SERVICE_AFFINITY: &str = "service.cilium.io/affinity";
 pub const SERVICE_AFFINITY_ALIAS: &str = "io.cilium/service-affinity";
 pub const GLOBAL_SYNC_ENDPOINT_SLICES: &str = "service.cilium.io/global-sync-endpoint-slices";
-
-/// Which backends a global service prefers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Affinity {
-    /// Use local and remote backends alike.
-    #[default]
-    None,
-    /// Remote backends only while no local backend is active.
-    Local,
-    /// Local backends only while no remote backend is healthy.
-    Remote,
-}
-
-impl Affinity {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Affinity::None => "none",
-            Affinity::Local => "local",
-            Affinity::Remote => "remote",
-        }
-    }
-}
-
-impl fmt::Display for Affinity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// What a Service's annotations say about ClusterMesh.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use super::identity::NumericIdentity;
+use crate::identity::NumericIdentity;
 
 pub const BASE_KEY_PREFIX: &str = "cilium";
 pub const STATE_PREFIX: &str = "cilium/state";
@@ -252,7 +252,7 @@ pub struct WatchPrefix {
 /// The watch and canary prefixes of every data kind for `remote`, reading its own etcd
 /// (`cached = false`) or a KVStoreMesh cache (`cached = true`, the config's `cached`
 /// capability). Service exports are only to be watched when the remote config's
-/// `serviceExportsEnabled` is non-null (`ClusterConfig::exports_services_capability`).
+/// `serviceExportsEnabled` is non-null (`KvClusterConfig::exports_services_capability`).
 pub fn watch_prefixes(remote: &str, cached: bool) -> [WatchPrefix; 5] {
     DataKind::ALL.map(|kind| WatchPrefix {
         kind,

@@ -3,14 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ClustermeshError;
+use super::WireError;
 use super::json::helpers::{is_false, is_zero_u32, null_as_default};
 use super::json::{from_json, to_go_json};
 
 /// Cluster configuration. `id` is omitted when 0 (Go `omitempty`); `capabilities` is a Go
 /// struct, so it is always written, `{}` when empty.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct ClusterConfig {
+pub struct KvClusterConfig {
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub id: u32,
     #[serde(default, deserialize_with = "null_as_default")]
@@ -39,10 +39,10 @@ pub struct Capabilities {
     pub endpoint_slices_export_mode: String,
 }
 
-impl ClusterConfig {
+impl KvClusterConfig {
     /// What a clustermesh-apiserver (v1.17/v1.18) publishes for its own cluster.
     pub fn for_publisher(id: u32, max_connected_clusters: u32, service_exports: bool) -> Self {
-        ClusterConfig {
+        KvClusterConfig {
             id,
             capabilities: Capabilities {
                 synced_canaries: true,
@@ -58,7 +58,7 @@ impl ClusterConfig {
     /// `maxConnectedClusters` and `serviceExportsEnabled`, with `syncedCanaries` and `cached`
     /// forced on (the mirror always writes canaries, whatever the source did).
     pub fn cached_copy(&self) -> Self {
-        ClusterConfig {
+        KvClusterConfig {
             id: self.id,
             capabilities: Capabilities {
                 synced_canaries: true,
@@ -76,12 +76,12 @@ impl ClusterConfig {
     }
 
     /// Go-identical JSON bytes.
-    pub fn encode(&self) -> Result<Vec<u8>, ClustermeshError> {
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
         to_go_json(self, "cluster config")
     }
 
     /// Decodes without any validation (see `validate::decode_remote_cluster_config`).
-    pub fn decode(bytes: &[u8]) -> Result<Self, ClustermeshError> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         from_json(bytes, "cluster config")
     }
 }
@@ -95,17 +95,17 @@ mod tests {
 
     #[test]
     fn golden_apiserver() {
-        let c = ClusterConfig::for_publisher(1, 255, false);
+        let c = KvClusterConfig::for_publisher(1, 255, false);
         assert_eq!(c.encode().unwrap(), APISERVER.as_bytes());
-        assert_eq!(ClusterConfig::decode(APISERVER.as_bytes()).unwrap(), c);
+        assert_eq!(KvClusterConfig::decode(APISERVER.as_bytes()).unwrap(), c);
     }
 
     #[test]
     fn golden_kvstoremesh() {
-        let source = ClusterConfig::for_publisher(2, 255, false);
+        let source = KvClusterConfig::for_publisher(2, 255, false);
         let c = source.cached_copy();
         assert_eq!(c.encode().unwrap(), KVSTOREMESH.as_bytes());
-        let decoded = ClusterConfig::decode(KVSTOREMESH.as_bytes()).unwrap();
+        let decoded = KvClusterConfig::decode(KVSTOREMESH.as_bytes()).unwrap();
         assert_eq!(decoded, c);
         assert_eq!(decoded.encode().unwrap(), KVSTOREMESH.as_bytes());
     }
@@ -113,23 +113,23 @@ mod tests {
     #[test]
     fn omitempty_and_defaults() {
         assert_eq!(
-            ClusterConfig::default().encode().unwrap(),
+            KvClusterConfig::default().encode().unwrap(),
             br#"{"capabilities":{}}"#
         );
-        let old = ClusterConfig::decode(br#"{"id":3}"#).unwrap();
+        let old = KvClusterConfig::decode(br#"{"id":3}"#).unwrap();
         assert_eq!(old.id, 3);
         assert_eq!(old.capabilities, Capabilities::default());
         assert!(!old.exports_services_capability());
 
-        let c = ClusterConfig::decode(
+        let c = KvClusterConfig::decode(
             br#"{"id":3,"capabilities":{"serviceExportsEnabled":null,"future":[1]},"extra":true}"#,
         )
         .unwrap();
         assert_eq!(c.capabilities.service_exports_enabled, None);
-        let c = ClusterConfig::decode(br#"{"id":3,"capabilities":null}"#).unwrap();
+        let c = KvClusterConfig::decode(br#"{"id":3,"capabilities":null}"#).unwrap();
         assert_eq!(c.capabilities, Capabilities::default());
 
-        let c = ClusterConfig::decode(
+        let c = KvClusterConfig::decode(
             br#"{"id":4,"capabilities":{"serviceExportsEnabled":true,"endpointSlicesExportMode":"endpointslices-only"}}"#,
         )
         .unwrap();
@@ -138,7 +138,7 @@ mod tests {
             c.encode().unwrap(),
             br#"{"id":4,"capabilities":{"serviceExportsEnabled":true,"endpointSlicesExportMode":"endpointslices-only"}}"#
         );
-        assert!(ClusterConfig::decode(b"").is_err());
-        assert!(ClusterConfig::decode(br#"{"id":-1}"#).is_err());
+        assert!(KvClusterConfig::decode(b"").is_err());
+        assert!(KvClusterConfig::decode(br#"{"id":-1}"#).is_err());
     }
 }

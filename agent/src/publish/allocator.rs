@@ -11,12 +11,14 @@
 
 use std::time::Duration;
 
-use super::{
-    IdentityRange, LabelArray,
-    keys::{IDENTITIES_PATH, IDENTITY_ID_SEGMENT, IDENTITY_VALUE_SEGMENT},
-    labels::{LABEL_SOURCE_K8S, Label, POLICY_LABEL_CLUSTER},
+use crate::{
+    identity::{
+        IdentityRange,
+        labels::{LABEL_SOURCE_K8S, Label, LabelArray, POLICY_LABEL_CLUSTER},
+    },
+    kvstore::{EtcdClient, KvstoreError, Lease},
+    wire::keys::{IDENTITIES_PATH, IDENTITY_ID_SEGMENT, IDENTITY_VALUE_SEGMENT},
 };
-use crate::kvstore::{EtcdClient, KvstoreError, Lease};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AllocatorError {

@@ -13,17 +13,18 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use super::{
-    ClusterConfig, DataKind, MaxConnectedClusters, RemoteContext,
-    keys::{self, canary_registration},
-    sync::{ClusterSource, KindSync, Origin, SyncFlags},
-    timestamp, validate,
-};
+use super::sync::{ClusterSource, KindSync, Origin, SyncFlags};
 use crate::{
+    identity::MaxConnectedClusters,
     kvstore::{EtcdClient, EtcdConfig, HeartbeatTracker, ListWatcher, WatchEvent},
     metrics::{ClusterLabels, Metrics, ObjectLabels},
     state::StateHandle,
     task::recv_opt,
+    wire::{
+        DataKind, KvClusterConfig, RemoteContext,
+        keys::{self, canary_registration},
+        timestamp, validate,
+    },
 };
 
 /// The data kinds an agent consumes from every cluster.
@@ -425,7 +426,7 @@ impl RemoteCluster {
         &self,
         client: &EtcdClient,
         status: &Mutex<RemoteClusterStatus>,
-    ) -> Result<ClusterConfig, Failure> {
+    ) -> Result<KvClusterConfig, Failure> {
         retrieve_config(
             client,
             &self.name,
@@ -447,7 +448,7 @@ pub async fn retrieve_config(
     timeout: Duration,
     metrics: &Metrics,
     progress: impl Fn(&str),
-) -> Result<ClusterConfig, Failure> {
+) -> Result<KvClusterConfig, Failure> {
     let key = keys::cluster_config_key(name);
     let deadline = Instant::now() + timeout;
     let mut attempt = 0u64;

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use super::{ClusterService as WireService, L4Addr, keys};
+use crate::wire::{KvClusterService, L4Addr, keys};
 use crate::{
     kvstore::{EtcdClient, Lease},
     state::{BackendState, ClusterService, PortMap, Protocol, StateHandle},
@@ -18,7 +18,7 @@ pub fn election_name(cluster: &str) -> String {
 
 /// The wire value Cilium's exporter writes: frontends with the service ports, backends that
 /// are ready or serving with the endpoint ports, `shared` and `includeExternal` true.
-pub fn wire_service(svc: &ClusterService) -> WireService {
+pub fn wire_service(svc: &ClusterService) -> KvClusterService {
     let ports = |p: &PortMap| -> BTreeMap<String, L4Addr> {
         p.iter()
             .map(|(name, (proto, port))| {
@@ -31,7 +31,7 @@ pub fn wire_service(svc: &ClusterService) -> WireService {
             })
             .collect()
     };
-    let mut wire = WireService::new(
+    let mut wire = KvClusterService::new(
         &svc.cluster,
         &svc.name.namespace,
         &svc.name.name,

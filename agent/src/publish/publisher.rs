@@ -6,8 +6,8 @@ use std::{net::IpAddr, time::Duration};
 
 use ipnet::IpNet;
 
-use super::{Node, NodeAddress, keys};
 use crate::kvstore::{Backoff, EtcdClient};
+use crate::wire::{self, KvNode, NodeAddress, keys};
 
 /// Cilium's kvstore lease TTL (15 min); shorter in tests.
 pub const NODE_LEASE_TTL: Duration = Duration::from_secs(15 * 60);
@@ -31,8 +31,8 @@ pub struct LocalNode {
 
 impl LocalNode {
     /// The node value, as a Cilium agent in kvstore mode writes it.
-    pub fn to_wire(&self) -> Node {
-        let mut node = Node::new(&self.cluster, &self.name);
+    pub fn to_wire(&self) -> KvNode {
+        let mut node = KvNode::new(&self.cluster, &self.name);
         node.cluster_id = self.cluster_id;
         node.source = "local".into();
         node.ip_addresses = vec![NodeAddress::new("InternalIP", self.internal_ip)];
@@ -137,16 +137,16 @@ impl EndpointPublisher {
         })
     }
 
-    fn entry(&self, ep: &LocalEndpoint) -> Result<(String, Vec<u8>), super::ClustermeshError> {
+    fn entry(&self, ep: &LocalEndpoint) -> Result<(String, Vec<u8>), wire::WireError> {
         let key = if self.node.wireguard_pubkey.is_some() {
             WIREGUARD_ENCRYPTION_KEY
         } else {
             0
         };
         let mut pair =
-            super::IpIdentityPair::host(ep.ip, Some(self.node.internal_ip), ep.identity, key);
+            wire::IpIdentityPair::host(ep.ip, Some(self.node.internal_ip), ep.identity, key);
         pair.metadata =
-            super::ipcache::agent_metadata(&self.node.cluster, &self.node.name, ep.endpoint_id);
+            wire::ipcache::agent_metadata(&self.node.cluster, &self.node.name, ep.endpoint_id);
         pair.k8s_namespace = ep.namespace.clone();
         pair.k8s_pod_name = ep.pod.clone();
         Ok((keys::ip_key(&pair.prefix_string()), pair.encode()?))

@@ -163,9 +163,9 @@ pub(super) fn build(
 
     let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    let size = fs.write_cpio(&mut w)?;
+    fs.write_cpio(&mut w)?;
     w.flush()?;
-    Ok(size)
+    Ok(std::fs::metadata(out)?.len())
 }
 
 fn which(tool: &str) -> anyhow::Result<PathBuf> {

@@ -2,11 +2,13 @@
 
 use std::{
     collections::BTreeMap,
-    io::Read as _,
+    fs::File,
+    io::Write,
     path::{Path, PathBuf},
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
+use cpio::NewcBuilder;
 
 pub(super) enum Source {
     Host(PathBuf),
@@ -56,57 +58,47 @@ impl Tree {
         self.insert(path, Node::CharDev(major, minor));
     }
 
-    /// Writes the archive; returns its size.
-    pub(super) fn write_cpio(&self, w: &mut impl std::io::Write) -> anyhow::Result<u64> {
-        let mut size = 0u64;
-        let mut ino = 1u32;
-        let mut entry = |w: &mut dyn std::io::Write,
-                         name: &str,
-                         mode: u32,
-                         rdev: (u32, u32),
-                         data: &[u8]|
-         -> std::io::Result<()> {
-            let header = format!(
-                "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-                0,
-                0,
-                1,
-                0,
-                data.len(),
-                0,
-                0,
-                rdev.0,
-                rdev.1,
-                name.len() + 1,
-                0
-            );
-            ino += 1;
-            let pad = |n: usize| (4 - n % 4) % 4;
-            w.write_all(header.as_bytes())?;
-            w.write_all(name.as_bytes())?;
-            w.write_all(&[0u8; 4][..1 + pad(header.len() + name.len() + 1)])?;
-            w.write_all(data)?;
-            w.write_all(&[0u8; 3][..pad(data.len())])?;
-            size += (header.len() + name.len() + 1 + pad(header.len() + name.len() + 1)) as u64
-                + (data.len() + pad(data.len())) as u64;
-            Ok(())
-        };
-        for (path, node) in &self.nodes {
+    /// Writes the archive: owner root, mtime 0, one link each, inodes numbered from 1.
+    pub(super) fn write_cpio(&self, w: &mut impl Write) -> anyhow::Result<()> {
+        for (ino, (path, node)) in (1..).zip(&self.nodes) {
+            let entry = NewcBuilder::new(path).ino(ino);
             match node {
-                Node::Dir => entry(w, path, 0o040755, (0, 0), &[])?,
-                Node::Symlink(t) => entry(w, path, 0o120777, (0, 0), t.as_bytes())?,
-                Node::CharDev(ma, mi) => entry(w, path, 0o020600, (*ma, *mi), &[])?,
-                Node::File(Source::Bytes(b), mode) => entry(w, path, 0o100000 | mode, (0, 0), b)?,
-                Node::File(Source::Host(p), mode) => {
-                    let mut data = Vec::new();
-                    std::fs::File::open(p)
-                        .and_then(|mut f| f.read_to_end(&mut data))
-                        .with_context(|| format!("reading {}", p.display()))?;
-                    entry(w, path, 0o100000 | mode, (0, 0), &data)?;
+                Node::Dir => data(entry.mode(0o040755), w, &[])?,
+                Node::Symlink(t) => data(entry.mode(0o120777), w, t.as_bytes())?,
+                Node::CharDev(ma, mi) => {
+                    let entry = entry.mode(0o020600).rdev_major(*ma).rdev_minor(*mi);
+                    data(entry, w, &[])?
                 }
+                Node::File(Source::Bytes(b), mode) => data(entry.mode(0o100000 | mode), w, b)?,
+                Node::File(Source::Host(p), mode) => host_file(entry.mode(0o100000 | mode), w, p)?,
             }
         }
-        entry(w, "TRAILER!!!", 0, (0, 0), &[])?;
-        Ok(size)
+        cpio::newc::trailer(w)?;
+        Ok(())
     }
+}
+
+/// An entry whose contents are in memory.
+fn data(entry: NewcBuilder, w: &mut impl Write, bytes: &[u8]) -> anyhow::Result<()> {
+    let size = u32::try_from(bytes.len()).context("an entry over 4 GiB: too big for newc")?;
+    let mut out = entry.write(w, size);
+    out.write_all(bytes)?;
+    out.finish()?;
+    Ok(())
+}
+
+/// An entry copied from a host file, streamed rather than read into memory.
+fn host_file(entry: NewcBuilder, w: &mut impl Write, path: &Path) -> anyhow::Result<()> {
+    let reading = || format!("reading {}", path.display());
+    let mut file = File::open(path).with_context(reading)?;
+    let len = file.metadata().with_context(reading)?.len();
+    let size = u32::try_from(len)
+        .with_context(|| format!("{}: over 4 GiB, too big for newc", path.display()))?;
+    let mut out = entry.write(w, size);
+    // The crate pads an entry only when its whole declared size was written.
+    if std::io::copy(&mut file, &mut out).with_context(reading)? != len {
+        bail!("{} changed while it was archived", path.display());
+    }
+    out.finish()?;
+    Ok(())
 }

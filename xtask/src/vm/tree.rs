@@ -102,3 +102,77 @@ fn host_file(entry: NewcBuilder, w: &mut impl Write, path: &Path) -> anyhow::Res
     out.finish()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use super::*;
+
+    /// Name, mode, rdev and contents of one entry.
+    type Entry = (String, u32, (u32, u32), Vec<u8>);
+
+    /// Every entry up to the trailer.
+    fn read_back(archive: &[u8]) -> Vec<Entry> {
+        let mut entries = Vec::new();
+        let mut rest = archive;
+        loop {
+            let mut reader = cpio::NewcReader::new(rest).expect("a newc header");
+            let e = reader.entry().clone();
+            if e.is_trailer() {
+                assert!(
+                    reader.finish().unwrap().is_empty(),
+                    "bytes after the trailer"
+                );
+                return entries;
+            }
+            assert_eq!((e.uid(), e.gid(), e.nlink(), e.mtime()), (0, 0, 1, 0));
+            let mut data = Vec::new();
+            reader.read_to_end(&mut data).unwrap();
+            let (name, mode, rdev) = (
+                e.name().to_owned(),
+                e.mode(),
+                (e.rdev_major(), e.rdev_minor()),
+            );
+            entries.push((name, mode, rdev, data));
+            rest = reader.finish().unwrap();
+        }
+    }
+
+    #[test]
+    fn cpio_has_every_node_with_parents_first() {
+        let host = std::env::temp_dir().join(format!("xtask-vm-tree-{}", std::process::id()));
+        std::fs::write(&host, b"from the host").unwrap();
+        let mut fs = Tree::default();
+        fs.file("usr/bin/tool", Source::Host(host.clone()), 0o755);
+        fs.char_dev("dev/console", 5, 1);
+        fs.symlink("var/run", "/run");
+        fs.bytes("etc/hosts", "127.0.0.1 localhost\n", 0o644);
+        fs.bytes("odd", "12345", 0o600);
+        fs.dir("proc");
+        let mut archive = Vec::new();
+        fs.write_cpio(&mut archive).unwrap();
+        std::fs::remove_file(&host).unwrap();
+
+        assert_eq!(archive.len() % 4, 0);
+        let dir = |name: &str| (name.to_owned(), 0o040755, (0, 0), Vec::new());
+        let file =
+            |name: &str, mode: u32, data: &[u8]| (name.to_owned(), mode, (0, 0), data.to_vec());
+        assert_eq!(
+            read_back(&archive),
+            [
+                dir("dev"),
+                ("dev/console".into(), 0o020600, (5, 1), Vec::new()),
+                dir("etc"),
+                file("etc/hosts", 0o100644, b"127.0.0.1 localhost\n"),
+                file("odd", 0o100600, b"12345"),
+                dir("proc"),
+                dir("usr"),
+                dir("usr/bin"),
+                file("usr/bin/tool", 0o100755, b"from the host"),
+                dir("var"),
+                file("var/run", 0o120777, b"/run"),
+            ]
+        );
+    }
+}

@@ -113,3 +113,27 @@ fn modinfo_depends(module: &[u8]) -> Vec<String> {
         .map(|s| s.replace('-', "_"))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_names_and_depends() {
+        let name = |p: &str| module_name(Path::new(p));
+        assert_eq!(
+            name("kernel/net/wireguard/wireguard.ko.xz").as_deref(),
+            Some("wireguard")
+        );
+        assert_eq!(
+            name("kernel/net/sched/cls-bpf.ko").as_deref(),
+            Some("cls_bpf")
+        );
+        assert_eq!(name("modules.builtin"), None);
+
+        let modinfo = b"\x7fELF...\0license=GPL\0depends=udp_tunnel,ip6-udp-tunnel\0vermagic=6.1\0";
+        assert_eq!(modinfo_depends(modinfo), ["udp_tunnel", "ip6_udp_tunnel"]);
+        assert!(modinfo_depends(b"\0depends=\0name=veth\0").is_empty());
+        assert!(modinfo_depends(b"no modinfo").is_empty());
+    }
+}

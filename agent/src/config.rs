@@ -9,7 +9,7 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::constants;
+use crate::{constants, datapath::DatapathSection, k8s::LocalSourceConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -58,28 +58,6 @@ pub struct AgentConfig {
     pub kubernetes: Option<KubernetesSection>,
 }
 
-/// The eBPF datapath.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct DatapathSection {
-    /// bpffs directory under which the versioned pin directory (`strait-v<N>`) lives.
-    #[serde(default = "default_pin_root")]
-    pub pin_root: PathBuf,
-    /// cgroup v2 directory whose processes get the socket load balancer (every pod of the
-    /// node: the cgroup v2 root on a real node). Default: the cgroup v2 mount point.
-    #[serde(default)]
-    pub cgroup: Option<PathBuf>,
-    /// Also report allowed new flows to `strait observe` (drops are always reported).
-    #[serde(default)]
-    pub trace_allowed: bool,
-    #[serde(default)]
-    pub map_sizes: crate::datapath::MapSizes,
-}
-
-fn default_pin_root() -> PathBuf {
-    constants::BPFFS_ROOT.into()
-}
-
 /// `kubernetes:` — the local source of Services, EndpointSlices, Pods, Namespaces, this Node
 /// and Cilium policies.
 #[derive(Debug, Clone, Deserialize)]
@@ -105,14 +83,6 @@ pub enum K8sSourceKind {
 
 fn default_k8s_source() -> K8sSourceKind {
     K8sSourceKind::Api
-}
-
-/// The local source the configuration selects.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LocalSourceConfig {
-    None,
-    Manifests(PathBuf),
-    Api { api_server: Option<hyper::Uri> },
 }
 
 /// Transparent encryption between nodes (Cilium's WireGuard mode).

@@ -57,3 +57,6 @@ pub const WIREGUARD_GO_ENV: &str = "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD
 /// Route protocol (`rtm_protocol`) marking routes strait owns, so its reconciler never
 /// deletes or replaces a route someone else created. Shown as `proto 161` by `ip route`.
 pub const RTPROT_STRAIT: u8 = 0xa1;
+
+/// Cilium's kvstore lease TTL (15 min); shorter in tests.
+pub const NODE_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);

@@ -132,14 +132,18 @@ async fn start_endpoints(
         &config.cluster.name,
         IdentityRange::for_cluster(config.cluster.id, max),
         &node.name,
-        publisher::NODE_LEASE_TTL,
+        crate::constants::NODE_LEASE_TTL,
     )
     .await
     .context("identity allocator")?;
     let endpoints = Arc::new(
-        EndpointPublisher::new(client.clone(), node.clone(), publisher::NODE_LEASE_TTL)
-            .await
-            .context("endpoint publisher")?,
+        EndpointPublisher::new(
+            client.clone(),
+            node.clone(),
+            crate::constants::NODE_LEASE_TTL,
+        )
+        .await
+        .context("endpoint publisher")?,
     );
     let keep = tokio::spawn({
         let endpoints = endpoints.clone();
@@ -264,7 +268,7 @@ pub async fn run(
     let publisher = tokio::spawn(publisher::publish_node(
         client.clone(),
         node,
-        publisher::NODE_LEASE_TTL,
+        crate::constants::NODE_LEASE_TTL,
     ));
 
     let mesh = Arc::new(ClusterMesh::spawn(

@@ -90,7 +90,7 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
                 args.cluster_name.clone(),
                 identity,
                 state,
-                crate::publish::publisher::NODE_LEASE_TTL,
+                constants::NODE_LEASE_TTL,
             ));
             Some((source, AbortOnDrop(task)))
         }

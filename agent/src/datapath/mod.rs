@@ -9,11 +9,13 @@ pub mod loader;
 pub mod pins;
 pub mod policy;
 pub mod reconciler;
+pub mod section;
 
 pub use counter::{CounterRow, CounterSnapshot, PacketCounterProgram};
 pub use loader::{Datapath, MapSizes};
 pub use pins::PinDir;
 pub use reconciler::{DatapathAgent, DatapathStatus};
+pub use section::DatapathSection;
 
 /// The eBPF object, built from `agent-ebpf/` by build.rs and embedded with 8-byte alignment
 /// (the ELF parser reads it in place).

@@ -13,7 +13,7 @@ use strait_common::{flow::CONFIG_FLAG_TRACE_ALLOWED, names};
 use tokio::sync::watch;
 
 use super::{
-    Datapath, DatapathError, PinDir,
+    Datapath, DatapathError, DatapathSection, PinDir,
     flows::{self, FlowHub, IdentityLookup},
     guard::GuardWriter,
     ipcache::{self, IpcacheSyncReport, IpcacheWriter},
@@ -21,7 +21,6 @@ use super::{
     policy::{CtGc, PolicyWriter},
 };
 use crate::{
-    config::DatapathSection,
     metrics::{MapLabels, Metrics, ReasonLabels},
     state::{StateHandle, Versions},
     task::AbortOnDrop,

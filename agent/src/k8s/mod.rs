@@ -16,9 +16,20 @@ mod replay_tests;
 pub use api::ApiSource;
 pub use manifests::ManifestsSource;
 pub use objects::Objects;
+
+use std::path::PathBuf;
+
 use tokio::sync::watch;
 
-use crate::{config::LocalSourceConfig, state::StateHandle};
+use crate::state::StateHandle;
+
+/// The local source the configuration selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalSourceConfig {
+    None,
+    Manifests(PathBuf),
+    Api { api_server: Option<hyper::Uri> },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {

@@ -52,7 +52,7 @@ impl Default for MeshOptions {
         Self {
             local_cluster_id: None,
             local_max: MaxConnectedClusters::Max255,
-            lease_ttl: crate::publish::publisher::NODE_LEASE_TTL,
+            lease_ttl: crate::constants::NODE_LEASE_TTL,
             config_timeout: Duration::from_secs(180),
             drain_grace: DRAIN_GRACE,
         }

@@ -9,9 +9,6 @@ use ipnet::IpNet;
 use crate::kvstore::{Backoff, EtcdClient};
 use crate::wire::{self, KvNode, NodeAddress, keys};
 
-/// Cilium's kvstore lease TTL (15 min); shorter in tests.
-pub const NODE_LEASE_TTL: Duration = Duration::from_secs(15 * 60);
-
 /// Annotation Cilium puts the WireGuard public key in.
 pub const WG_PUBKEY_ANNOTATION: &str = "network.cilium.io/wg-pub-key";
 

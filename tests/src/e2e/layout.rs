@@ -161,15 +161,14 @@ pub(super) fn pod_def(name: &str) -> &'static PodDef {
 pub(super) fn pod_cluster(pod: &PodDef) -> &'static str {
     node_def(pod.node).cluster
 }
+pub(super) fn nodes_of(cluster: &str) -> impl Iterator<Item = &'static NodeDef> {
+    NODES.iter().filter(move |n| n.cluster == cluster)
+}
 pub(super) fn underlay_ip(link: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, link, 2)
 }
 pub(super) fn short(cluster: &str) -> &str {
     cluster.trim_start_matches("cluster-")
-}
-
-pub(super) fn pod_def_app(ip: Ipv4Addr) -> &'static str {
-    PODS.iter().find(|p| p.ip == ip).map_or("", |p| p.app)
 }
 
 /// Which cluster a backend address belongs to.

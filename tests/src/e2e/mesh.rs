@@ -6,14 +6,14 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use anyhow::{Context as _, ensure};
+use anyhow::ensure;
 
 use super::{
     Options,
     layout::{CLUSTERS, NODES, NodeDef, PodDef, short},
     resources::Resources,
-    topology::cgroup2_mount,
 };
+use crate::cgroup2_mount;
 
 /// A running mesh.
 pub struct Mesh {
@@ -126,13 +126,11 @@ impl Mesh {
         }
         std::fs::create_dir_all(dir.join("logs"))?;
         std::fs::create_dir_all(&pin_root)?;
-        std::fs::create_dir(&cgroup_root)
-            .with_context(|| format!("creating {}", cgroup_root.display()))?;
-        mesh.res().cgroups.push(cgroup_root);
+        mesh.add_cgroup(cgroup_root)?;
         mesh.underlay()?;
         mesh.pods()?;
         for c in &CLUSTERS {
-            mesh.control_plane(c.name, c.id, c.cp_link)?;
+            mesh.control_plane(c.name, c.cp_link)?;
         }
         mesh.manifests()?;
         for c in &CLUSTERS {

@@ -4,10 +4,10 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
+    io::Read as _,
     net::{SocketAddr, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -23,17 +23,25 @@ use super::{
 use crate::datapath::Probe;
 
 impl Mesh {
-    /// `strait status --json` on `node`, run inside its namespace.
-    pub fn status(&self, node: &str) -> Result<AgentStatus, String> {
-        let out = output_within(
+    /// `strait <args> --socket <node's API socket>` inside `node`'s namespace, within
+    /// [`CLI_TIMEOUT`].
+    fn cli(&self, node: &str, args: &[&str]) -> Result<Output, String> {
+        output_within(
             Command::new("ip")
                 .args(["netns", "exec", &self.ns(node)])
                 .arg(&self.opts.strait)
-                .args(["status", "--json", "--socket"])
+                .args(args)
+                .arg("--socket")
                 .arg(self.api_socket(node)),
             CLI_TIMEOUT,
         )
-        .map_err(|e| format!("strait status on {node}: {e}"))?;
+    }
+
+    /// `strait status --json` on `node`, run inside its namespace.
+    pub fn status(&self, node: &str) -> Result<AgentStatus, String> {
+        let out = self
+            .cli(node, &["status", "--json"])
+            .map_err(|e| format!("strait status on {node}: {e}"))?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
         }
@@ -42,18 +50,23 @@ impl Mesh {
 
     /// `strait status` (text) on `node`.
     pub fn status_text(&self, node: &str) -> String {
-        output_within(
-            Command::new("ip")
-                .args(["netns", "exec", &self.ns(node)])
-                .arg(&self.opts.strait)
-                .args(["status", "--socket"])
-                .arg(self.api_socket(node)),
-            CLI_TIMEOUT,
-        )
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
-        })
-        .unwrap_or_else(|e| format!("strait status on {node}: {e}"))
+        self.cli(node, &["status"])
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_else(|e| format!("strait status on {node}: {e}"))
+    }
+
+    /// The last `last` flows of `strait observe --json` on `node`.
+    pub(super) fn observe(&self, node: &str, last: u32) -> Result<Vec<serde_json::Value>, String> {
+        let out = self
+            .cli(node, &["observe", "--json", "--last", &last.to_string()])
+            .map_err(|e| format!("strait observe on {node}: {e}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
     }
 
     /// Runs `sockprobe` as a process of `pod` (its cgroup and namespace): `count` TCP
@@ -75,10 +88,7 @@ impl Mesh {
 
 /// Runs `cmd` to completion within `timeout` (killed by PID after it): a CLI call against a
 /// hung agent must fail the step, not hang the test.
-pub(super) fn output_within(
-    cmd: &mut Command,
-    timeout: Duration,
-) -> Result<std::process::Output, String> {
+fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -101,7 +111,7 @@ pub(super) fn output_within(
         match child.try_wait() {
             Ok(Some(status)) => {
                 let (stdout, stderr) = reader.join().unwrap_or_default();
-                return Ok(std::process::Output {
+                return Ok(Output {
                     status,
                     stdout,
                     stderr,
@@ -118,7 +128,7 @@ pub(super) fn output_within(
 }
 
 /// How long a `strait status` / `strait observe` call may take.
-pub(super) const CLI_TIMEOUT: Duration = Duration::from_secs(10);
+const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout` with the last
 /// reason it gave.
@@ -164,16 +174,9 @@ pub(super) fn by_cluster(probes: &[Probe]) -> BTreeMap<String, usize> {
     m
 }
 
-/// Sends `msg` and reads the echo.
-pub(super) fn echo(stream: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(msg)?;
-    let mut buf = vec![0u8; msg.len()];
-    stream.read_exact(&mut buf)?;
-    if buf != msg {
-        return Err(std::io::Error::other("echo mismatch"));
-    }
-    Ok(())
+/// Whether every connection was answered.
+pub(super) fn reached(probes: &[Probe]) -> bool {
+    probes.iter().all(|p| matches!(p, Probe::Ok { .. }))
 }
 
 /// A tcpdump on one router-side interface.

@@ -80,7 +80,7 @@ impl Mesh {
     }
 
     /// A control-plane namespace with the cluster's etcd on its underlay address.
-    pub(super) fn control_plane(&self, cluster: &str, _id: u32, link: u8) -> anyhow::Result<()> {
+    pub(super) fn control_plane(&self, cluster: &str, link: u8) -> anyhow::Result<()> {
         self.progress(&format!(
             "{cluster}: control plane (etcd) at {}:2379",
             underlay_ip(link)

@@ -6,11 +6,11 @@ use std::{
     process::{Child, Command},
 };
 
-use super::{
-    processes::{stop_child, stop_wireguard_go},
-    topology::remove_cgroup,
+use super::processes::{stop_child, stop_wireguard_go};
+use crate::{
+    datapath::{BackendServer, EchoServer},
+    remove_cgroup,
 };
-use crate::datapath::{BackendServer, EchoServer};
 
 /// Everything the scenario created, removed once by [`Resources::cleanup`].
 #[derive(Default)]

@@ -1,19 +1,13 @@
 //! The machine's network: the router and underlay, member (node and control-plane)
 //! namespaces, pod namespaces with their veths, cgroups and servers.
 
-use std::{
-    net::SocketAddrV4,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{net::SocketAddrV4, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, ensure};
 use strait::netns::NetnsGuard;
 
 use super::{
-    layout::{
-        DB_PORT, ECHO_PORT, LEDGER_PORT, NODES, PAYMENT_PORT, PODS, pod_def_app, underlay_ip,
-    },
+    layout::{DB_PORT, ECHO_PORT, LEDGER_PORT, NODES, PAYMENT_PORT, PODS, underlay_ip},
     mesh::Mesh,
     resources::Server,
 };
@@ -30,25 +24,20 @@ impl Mesh {
         Ok(())
     }
 
+    /// A cgroup, recorded for removal.
+    pub(super) fn add_cgroup(&self, path: PathBuf) -> anyhow::Result<()> {
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        self.res().cgroups.push(path);
+        Ok(())
+    }
+
     /// A member namespace on the underlay: `198.18.L.2/24` on `eth0`, the router's end named
     /// after the member.
     pub(super) fn add_member(&self, member: &str, link: u8) -> anyhow::Result<()> {
         let ns = self.ns(member);
         self.add_netns(&ns)?;
         let router = self.router();
-        run_ip(&[
-            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", member, "netns",
-            &router,
-        ])?;
-        run_ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/24", underlay_ip(link)),
-            "dev",
-            "eth0",
-        ])?;
+        add_eth0(&ns, &format!("{}/24", underlay_ip(link)), member, &router)?;
         run_ip(&[
             "-n",
             &router,
@@ -58,8 +47,6 @@ impl Mesh {
             "dev",
             member,
         ])?;
-        run_ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        run_ip(&["-n", &router, "link", "set", member, "up"])?;
         run_ip(&[
             "-n",
             &ns,
@@ -81,9 +68,7 @@ impl Mesh {
             self.add_member(n.name, n.link)?;
             let ns = self.ns(n.name);
             sysctl(&ns, "net.ipv4.ip_forward", "1")?;
-            let cg = self.cgroup_root.join(n.name);
-            std::fs::create_dir(&cg)?;
-            self.res().cgroups.push(cg);
+            self.add_cgroup(self.cgroup_root.join(n.name))?;
             std::fs::create_dir_all(self.node_dir(n.name).join("state"))?;
         }
         Ok(())
@@ -100,22 +85,8 @@ impl Mesh {
             self.add_netns(&ns)?;
             let node_ns = self.ns(p.node);
             let host_if = format!("lxc{}", p.name.replace('-', ""));
-            run_ip(&[
-                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &host_if,
-                "netns", &node_ns,
-            ])?;
-            run_ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/32", p.ip),
-                "dev",
-                "eth0",
-            ])?;
-            run_ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            add_eth0(&ns, &format!("{}/32", p.ip), &host_if, &node_ns)?;
             run_ip(&["-n", &ns, "route", "add", "default", "dev", "eth0"])?;
-            run_ip(&["-n", &node_ns, "link", "set", &host_if, "up"])?;
             run_ip(&[
                 "-n",
                 &node_ns,
@@ -131,11 +102,9 @@ impl Mesh {
                 &format!("net.ipv4.neigh.{host_if}.proxy_delay"),
                 "0",
             )?;
-            let cg = self.pod_cgroup(p);
-            std::fs::create_dir(&cg)?;
-            self.res().cgroups.push(cg);
-            let ip = p.ip;
-            let servers: Vec<Server> = in_netns(&ns, move || match pod_def_app(ip) {
+            self.add_cgroup(self.pod_cgroup(p))?;
+            let (ip, app) = (p.ip, p.app);
+            let servers: Vec<Server> = in_netns(&ns, move || match app {
                 "payment-api" => vec![
                     Server::Backend(BackendServer::start(SocketAddrV4::new(ip, PAYMENT_PORT))),
                     Server::Backend(BackendServer::start(SocketAddrV4::new(ip, LEDGER_PORT))),
@@ -152,29 +121,15 @@ impl Mesh {
     }
 }
 
-pub(super) fn remove_cgroup(path: &Path) {
-    if let (Some(parent), Ok(procs)) = (
-        path.parent(),
-        std::fs::read_to_string(path.join("cgroup.procs")),
-    ) {
-        for pid in procs.lines() {
-            let _ = std::fs::write(parent.join("cgroup.procs"), pid);
-        }
-    }
-    let _ = std::fs::remove_dir(path);
-}
-
-/// The cgroup v2 mount, from /proc/mounts.
-pub(super) fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(path))
-        })
-        .context("no cgroup v2 mount in /proc/mounts")
+/// A veth pair, both ends up: `eth0` with `addr` in `ns`, `peer` in `peer_ns`.
+fn add_eth0(ns: &str, addr: &str, peer: &str, peer_ns: &str) -> anyhow::Result<()> {
+    run_ip(&[
+        "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", peer, "netns", peer_ns,
+    ])?;
+    run_ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"])?;
+    run_ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    run_ip(&["-n", peer_ns, "link", "set", peer, "up"])?;
+    Ok(())
 }
 
 pub(super) fn run_ip(args: &[&str]) -> anyhow::Result<()> {

@@ -9,10 +9,13 @@ use std::{
 use anyhow::{Context as _, ensure};
 
 use super::{Ctx, Step, mesh_up::mesh_complete};
-use crate::e2e::{
-    layout::{ECHO_PORT, PAYMENT_PORT, USA, cluster, node_def, pod_def},
-    mesh::Mesh,
-    probes::{answers, echo},
+use crate::{
+    e2e::{
+        layout::{ECHO_PORT, PAYMENT_PORT, USA, cluster, node_def, pod_def},
+        mesh::Mesh,
+        probes::answers,
+    },
+    wireguard::echo_roundtrip,
 };
 
 pub(in crate::e2e) const STEP: Step = Step {
@@ -26,7 +29,7 @@ pub(in crate::e2e) const STEP: Step = Step {
 fn run(mesh: &Mesh, _ctx: &mut Ctx) -> anyhow::Result<String> {
     let echo_addr = SocketAddr::from((pod_def("pay-c").ip, ECHO_PORT));
     let mut long = mesh.connect_from("frontend", echo_addr)?;
-    echo(&mut long, b"before the restart").context("long-lived connection before")?;
+    echo_roundtrip(&mut long, b"before the restart").context("long-lived connection before")?;
     mesh.say(&format!(
         "    long-lived TCP connection usa frontend → europe pay-c {echo_addr} open; \
          killing usa-1's agent (SIGKILL) and starting it again …"
@@ -58,7 +61,8 @@ fn run(mesh: &Mesh, _ctx: &mut Ctx) -> anyhow::Result<String> {
         }
     }
     let ready_after = ready_after.context("the restarted usa-1 agent did not sync within 60 s")?;
-    echo(&mut long, b"after the restart").context("long-lived connection after the restart")?;
+    echo_roundtrip(&mut long, b"after the restart")
+        .context("long-lived connection after the restart")?;
     ensure!(
         failed.is_empty(),
         "{} of {} new connections failed during the restart: {failed:?}",

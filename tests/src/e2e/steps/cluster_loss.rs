@@ -10,11 +10,16 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 use super::{Ctx, Step};
-use crate::e2e::{
-    layout::{ECHO_PORT, EUROPE, LEDGER_PORT, NODES, USA, backend_cluster, cluster, pod_def},
-    mesh::Mesh,
-    probes::{answers, by_cluster, echo, wait_for},
-    topology::run_ip,
+use crate::{
+    e2e::{
+        layout::{
+            ECHO_PORT, EUROPE, LEDGER_PORT, USA, backend_cluster, cluster, nodes_of, pod_def,
+        },
+        mesh::Mesh,
+        probes::{answers, by_cluster, wait_for},
+        topology::run_ip,
+    },
+    wireguard::echo_roundtrip,
 };
 
 pub(in crate::e2e) const STEP: Step = Step {
@@ -42,7 +47,7 @@ fn run(mesh: &Mesh, ctx: &mut Ctx) -> anyhow::Result<String> {
         "frontend-eu",
         SocketAddr::from((pod_def("pay-a").ip, ECHO_PORT)),
     )?;
-    echo(&mut long, b"hello usa")?;
+    echo_roundtrip(&mut long, b"hello usa")?;
     mesh.say("    stopping usa's etcd for 5 s (its agents and datapath keep running) …");
     mesh.stop("etcd-usa", libc::SIGTERM);
     let outage = Instant::now();
@@ -52,7 +57,7 @@ fn run(mesh: &Mesh, ctx: &mut Ctx) -> anyhow::Result<String> {
             *during.entry(k).or_insert(0) += v;
         }
     }
-    echo(&mut long, b"still there").context("connection across the kvstore outage")?;
+    echo_roundtrip(&mut long, b"still there").context("connection across the kvstore outage")?;
     mesh.start_etcd(USA, cluster(USA).cp_link)?;
     ensure!(
         during.get(USA).is_some_and(|n| *n > 0) && during.keys().all(|k| !k.starts_with("error")),
@@ -66,12 +71,12 @@ fn run(mesh: &Mesh, ctx: &mut Ctx) -> anyhow::Result<String> {
     mesh.say(
         "    stopping every usa agent, usa's kvstoremesh and etcd, taking usa's underlay down …",
     );
-    for n in NODES.iter().filter(|n| n.cluster == USA) {
+    for n in nodes_of(USA) {
         mesh.stop(&format!("agent-{}", n.name), libc::SIGTERM);
     }
     mesh.stop("kvstoremesh-usa", libc::SIGTERM);
     mesh.stop("etcd-usa", libc::SIGTERM);
-    for n in NODES.iter().filter(|n| n.cluster == USA) {
+    for n in nodes_of(USA) {
         run_ip(&["-n", &mesh.router(), "link", "set", n.name, "down"])?;
     }
     let lost = Instant::now();
@@ -117,12 +122,12 @@ fn run(mesh: &Mesh, ctx: &mut Ctx) -> anyhow::Result<String> {
 
     // (c) usa comes back.
     mesh.say("    restarting usa: underlay up, etcd, kvstoremesh, agents …");
-    for n in NODES.iter().filter(|n| n.cluster == USA) {
+    for n in nodes_of(USA) {
         run_ip(&["-n", &mesh.router(), "link", "set", n.name, "up"])?;
     }
     mesh.start_etcd(USA, cluster(USA).cp_link)?;
     mesh.start_kvstoremesh(USA, Some(cluster(USA).id))?;
-    for n in NODES.iter().filter(|n| n.cluster == USA) {
+    for n in nodes_of(USA) {
         let _ = std::fs::remove_file(mesh.api_socket(n.name));
         mesh.start_agent(n.name)?;
     }

@@ -2,7 +2,7 @@
 //! local backends are gone, and back when they return (both measured).
 
 use std::{
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -35,29 +35,27 @@ fn run(mesh: &Mesh, ctx: &mut Ctx) -> anyhow::Result<String> {
         "with usa backends ready every connection must stay in usa: {counts:?}"
     );
     mesh.say("    removing every usa backend from payment-api's EndpointSlice …");
-    let t0 = Instant::now();
-    mesh.set_payment_backends(USA, Vec::new())?;
-    let failover = time_until(mesh, "frontend", vip, EUROPE, Duration::from_secs(10), t0)?;
-    ctx.failover = Some(failover);
-    let after = by_cluster(&mesh.probe("frontend", vip, 20));
-    ensure!(
-        after.get(EUROPE) == Some(&20),
-        "with no usa backend every connection must go to europe: {after:?}"
-    );
+    let failover = switch(
+        mesh,
+        vip,
+        Vec::new(),
+        EUROPE,
+        &mut ctx.failover,
+        "with no usa backend every connection must go to europe",
+    )?;
     println!(
         "    failover usa → europe: {:.0} ms after the last usa backend left the EndpointSlice",
         failover.as_secs_f64() * 1e3
     );
     mesh.say("    restoring the usa backends …");
-    let t1 = Instant::now();
-    mesh.set_payment_backends(USA, mesh.backends(USA))?;
-    let failback = time_until(mesh, "frontend", vip, USA, Duration::from_secs(10), t1)?;
-    ctx.failback = Some(failback);
-    let back = by_cluster(&mesh.probe("frontend", vip, 20));
-    ensure!(
-        back.get(USA) == Some(&20),
-        "usa backends are back: every connection must stay local again: {back:?}"
-    );
+    let failback = switch(
+        mesh,
+        vip,
+        mesh.backends(USA),
+        USA,
+        &mut ctx.failback,
+        "usa backends are back: every connection must stay local again",
+    )?;
     println!(
         "    failback europe → usa: {:.0} ms after the usa backends returned",
         failback.as_secs_f64() * 1e3
@@ -71,6 +69,26 @@ fn run(mesh: &Mesh, ctx: &mut Ctx) -> anyhow::Result<String> {
         failover.as_secs_f64() * 1e3,
         failback.as_secs_f64() * 1e3
     ))
+}
+
+/// Sets usa's payment-api backends and times (into `measured`, kept even if the check after
+/// fails) how long until usa's frontend is answered from `to`; then all of 20 connections
+/// must be (`rule` says why).
+fn switch(
+    mesh: &Mesh,
+    vip: SocketAddr,
+    backends: Vec<Ipv4Addr>,
+    to: &str,
+    measured: &mut Option<Duration>,
+    rule: &str,
+) -> anyhow::Result<Duration> {
+    let since = Instant::now();
+    mesh.set_payment_backends(USA, backends)?;
+    let took = time_until(mesh, "frontend", vip, to, Duration::from_secs(10), since)?;
+    *measured = Some(took);
+    let counts = by_cluster(&mesh.probe("frontend", vip, 20));
+    ensure!(counts.get(to) == Some(&20), "{rule}: {counts:?}");
+    Ok(took)
 }
 
 /// Probes `target` from `pod` one connection at a time until one is answered by a backend

@@ -12,13 +12,10 @@ use anyhow::ensure;
 use strait::status::AgentStatus;
 
 use super::{Ctx, Step};
-use crate::{
-    datapath::Probe,
-    e2e::{
-        layout::{EUROPE, NODES, NodeDef, PAYMENT_PORT, PODS, USA, pod_cluster, pod_def},
-        mesh::{Mesh, indent},
-        probes::{Capture, wait_for},
-    },
+use crate::e2e::{
+    layout::{EUROPE, NODES, NodeDef, PAYMENT_PORT, PODS, USA, pod_cluster, pod_def},
+    mesh::{Mesh, indent},
+    probes::{Capture, reached, wait_for},
 };
 
 pub(in crate::e2e) const STEP: Step = Step {
@@ -83,7 +80,7 @@ fn run(mesh: &Mesh, ctx: &mut Ctx) -> anyhow::Result<String> {
         3,
     );
     ensure!(
-        probes.iter().all(|p| matches!(p, Probe::Ok { .. })),
+        reached(&probes),
         "usa frontend cannot reach europe's pay-c directly: {probes:?}"
     );
     Ok(format!(

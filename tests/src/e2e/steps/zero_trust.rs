@@ -1,7 +1,7 @@
 //! Step 4: the cross-cluster policy lets only usa's frontend reach europe's database, and
 //! `strait observe` shows the drops with identities and cluster names.
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::ensure;
 
@@ -11,7 +11,7 @@ use crate::{
     e2e::{
         layout::{DB_PORT, EUROPE, USA, pod_cluster, pod_def},
         mesh::Mesh,
-        probes::{CLI_TIMEOUT, answers, output_within, wait_for},
+        probes::{answers, reached, wait_for},
     },
 };
 
@@ -31,7 +31,7 @@ fn run(mesh: &Mesh, _ctx: &mut Ctx) -> anyhow::Result<String> {
         answers(&allowed)
     ));
     ensure!(
-        allowed.iter().all(|p| matches!(p, Probe::Ok { .. })),
+        reached(&allowed),
         "usa frontend must reach the database: {allowed:?}"
     );
     let mut denied = Vec::new();
@@ -54,19 +54,7 @@ fn run(mesh: &Mesh, _ctx: &mut Ctx) -> anyhow::Result<String> {
         "both drops in strait observe",
         Duration::from_secs(10),
         || {
-            let out = output_within(
-                Command::new("ip")
-                    .args(["netns", "exec", &mesh.ns("europe-2")])
-                    .arg(&mesh.opts.strait)
-                    .args(["observe", "--json", "--last", "200", "--socket"])
-                    .arg(mesh.api_socket("europe-2")),
-                CLI_TIMEOUT,
-            )
-            .map_err(|e| format!("strait observe on europe-2: {e}"))?;
-            let flows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
+            let flows = mesh.observe("europe-2", 200)?;
             let drop_from = |pod: &str, cluster: &str| {
                 flows.iter().find(|f| {
                     f["verdict"].as_str().is_some_and(|v| v.contains("DROP"))

@@ -150,15 +150,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new() -> Self {
-        let mounts = std::fs::read_to_string("/proc/mounts").expect("reading /proc/mounts");
-        let root = mounts
-            .lines()
-            .find_map(|l| {
-                let mut f = l.split_whitespace();
-                let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
-                (fstype == "cgroup2").then(|| PathBuf::from(path))
-            })
-            .expect("no cgroup v2 mount in /proc/mounts");
+        let root = cgroup2_mount().unwrap_or_else(|e| panic!("{e:#}"));
         let path = root.join(unique_name("strait-test-"));
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
         Self { path }
@@ -177,16 +169,36 @@ impl Default for TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        if let (Some(parent), Ok(procs)) = (
-            self.path.parent(),
-            std::fs::read_to_string(self.path.join("cgroup.procs")),
-        ) {
-            for pid in procs.lines() {
-                let _ = std::fs::write(parent.join("cgroup.procs"), pid);
-            }
-        }
-        let _ = std::fs::remove_dir(&self.path);
+        remove_cgroup(&self.path);
     }
+}
+
+/// The cgroup v2 mount, from /proc/mounts.
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    use anyhow::Context as _;
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(path))
+        })
+        .context("no cgroup v2 mount in /proc/mounts")
+}
+
+/// Removes a cgroup after moving any process left in it back to the parent (rmdir fails on a
+/// populated cgroup).
+pub fn remove_cgroup(path: &Path) {
+    if let (Some(parent), Ok(procs)) = (
+        path.parent(),
+        std::fs::read_to_string(path.join("cgroup.procs")),
+    ) {
+        for pid in procs.lines() {
+            let _ = std::fs::write(parent.join("cgroup.procs"), pid);
+        }
+    }
+    let _ = std::fs::remove_dir(path);
 }
 
 pub mod datapath;

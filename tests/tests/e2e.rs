@@ -1,4 +1,4 @@
-//! The user's scenario end to end with the real binaries (`tests/src/e2e.rs`): two clusters of
+//! The user's scenario end to end with the real binaries (`tests/src/e2e/`): two clusters of
 //! two nodes in namespaces, etcd + kvstoremesh per cluster, `strait agent` per node with the
 //! eBPF datapath and WireGuard, then mesh status, global-service failover, cluster loss,
 //! cross-cluster policy with observed drops, encryption on the underlay, agent restart and an

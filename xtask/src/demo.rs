@@ -2,7 +2,7 @@
 //!
 //! Part one: two network namespaces joined by a veth pair (no route out of either), `strait
 //! count` on one end, ICMP, UDP and TCP sent between them, the counters strait read from the
-//! kernel map. Part two: the user's two-cluster scenario end to end (`tests/src/e2e.rs`, run by
+//! kernel map. Part two: the user's two-cluster scenario end to end (`tests/src/e2e/`, run by
 //! the `strait-scenario` binary). Everything is removed on success, on failure and on Ctrl-C.
 
 use std::{
@@ -168,7 +168,7 @@ pub fn run(env: &Env) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Part two: the user's scenario end to end (`tests/src/e2e.rs` through the
+/// Part two: the user's scenario end to end (`tests/src/e2e/` through the
 /// `strait-scenario` binary, the code the end-to-end test runs): two clusters of two nodes in
 /// namespaces, WireGuard between every node, global services, failover, cluster loss, policy
 /// across clusters, an agent restart and an overlapping cluster refused. The binary removes
@@ -189,7 +189,7 @@ fn scenario(
         "sockprobe",
     ]))?;
     let runner = strait.with_file_name("strait-scenario");
-    cmd::step("the two-cluster scenario (tests/src/e2e.rs): cluster-usa and cluster-europe");
+    cmd::step("the two-cluster scenario (tests/src/e2e/): cluster-usa and cluster-europe");
     let started = std::time::Instant::now();
     let mut child = Command::new(&runner)
         .arg("--strait")

@@ -1,4 +1,4 @@
-//! `cilium/state/services/v1/<cluster>/<namespace>/<name>`: Cilium's `KvClusterService`, a
+//! `cilium/state/services/v1/<cluster>/<namespace>/<name>`: Cilium's `ClusterService`, a
 //! global service's frontends and ready backends as one cluster exports them.
 
 use std::collections::BTreeMap;

@@ -218,7 +218,13 @@ impl EndpointManager {
             let model = self.state.read();
             model
                 .identities()
-                .map(|i| (i.id, LabelArray::parse_sorted_list(&i.labels.join(";"))))
+                // The model holds validated label lists only; none fails here.
+                .filter_map(|i| {
+                    Some((
+                        i.id,
+                        LabelArray::parse_sorted_list(&i.labels.join(";")).ok()?,
+                    ))
+                })
                 .collect()
         };
         for ((ns, name), t) in tracked.iter_mut() {

@@ -24,6 +24,7 @@ fn labels(app: &str) -> LabelArray {
     LabelArray::parse_sorted_list(&format!(
         "k8s:app={app};k8s:io.kubernetes.pod.namespace=default;"
     ))
+    .unwrap()
 }
 
 async fn get(client: &EtcdClient, key: &str) -> Option<String> {
@@ -129,7 +130,8 @@ async fn identities_are_allocated_in_range_shared_across_nodes_and_released() {
 
     // Labels naming another cluster are refused.
     let foreign =
-        LabelArray::parse_sorted_list("k8s:app=x;k8s:io.cilium.k8s.policy.cluster=cluster-europe;");
+        LabelArray::parse_sorted_list("k8s:app=x;k8s:io.cilium.k8s.policy.cluster=cluster-europe;")
+            .unwrap();
     assert!(matches!(
         usa1.allocate(&foreign).await,
         Err(AllocatorError::ForeignCluster { .. })

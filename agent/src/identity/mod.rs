@@ -3,15 +3,17 @@
 //! `pkg/clustermesh/types`).
 //!
 //! Who is who in a mesh, shared by every layer above: [`cluster`] names and IDs, numeric
-//! identities and their per-cluster ranges (here), and identity [`labels`]. Pure Rust.
+//! identities and their per-cluster ranges (here), identity [`labels`] and the [`filter`]
+//! deciding which labels count. Pure Rust.
 
 use std::fmt;
 
 pub mod cluster;
+pub mod filter;
 pub mod labels;
 
 pub use cluster::{MaxConnectedClusters, validate_cluster_id, validate_cluster_name};
-pub use labels::{Label, LabelArray};
+pub use labels::{Label, LabelArray, LabelError};
 
 use cluster::IDENTITY_BITS;
 

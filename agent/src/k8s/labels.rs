@@ -1,112 +1,158 @@
-//! Identity labels of a pod, derived as Cilium does, so the same pod gets the same identity
-//! (and matches the same policies) under strait and Cilium:
-//! - the pod's labels, source `k8s`, filtered by Cilium's default label filter;
-//! - the namespace's labels as `io.cilium.k8s.namespace.labels.<key>`;
-//! - `io.kubernetes.pod.namespace`, `io.cilium.k8s.policy.serviceaccount`,
-//!   `io.cilium.k8s.policy.cluster`.
+//! Identity labels of a pod, derived as Cilium does (`GetPodMetadata` → `SanitizePodLabels`
+//! → source `k8s` → label filter), so the same pod gets the same identity, and matches the
+//! same policies, under strait and Cilium:
+//! 1. the pod's own labels whose key starts with `io.cilium.k8s` are dropped: those are
+//!    Cilium's to set, and a pod must not claim another service account, namespace labels
+//!    or cluster;
+//! 2. then, replacing whatever the pod said: the namespace's labels as
+//!    `io.cilium.k8s.namespace.labels.<key>`, `io.kubernetes.pod.namespace`,
+//!    `io.cilium.k8s.policy.serviceaccount` (absent when the pod names none) and
+//!    `io.cilium.k8s.policy.cluster`;
+//! 3. all with source `k8s`, kept when Cilium's default label filter keeps them.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::identity::filter::is_identity_label;
 use crate::identity::labels::{
-    LABEL_SOURCE_K8S, Label, LabelArray, POD_NAMESPACE_LABEL, POLICY_LABEL_CLUSTER,
-    POLICY_LABEL_SERVICE_ACCOUNT,
+    CILIUM_OWNED_PREFIX, LABEL_SOURCE_K8S, Label, LabelArray, NAMESPACE_LABELS_PREFIX,
+    POD_NAMESPACE_LABEL, POLICY_LABEL_CLUSTER, POLICY_LABEL_SERVICE_ACCOUNT,
 };
 
-pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
-
-/// Cilium's default filter drops labels that change per pod instance or carry no workload
-/// meaning (they would explode the number of identities): anything in the `kubernetes.io`,
-/// `k8s.io` and `io.kubernetes` domains, `*.beta.kubernetes.io`, `pod-template-hash`,
-/// `pod-template-generation`, `controller-revision-hash`, `controller-uid`, `job-name`,
-/// `annotation.*` and `etcd_node`. `app.kubernetes.io/*` labels are workload labels and kept.
-pub fn keep_pod_label(key: &str) -> bool {
-    const DROP_EXACT: [&str; 6] = [
-        "pod-template-hash",
-        "pod-template-generation",
-        "controller-revision-hash",
-        "controller-uid",
-        "job-name",
-        "etcd_node",
-    ];
-    if key.starts_with("app.kubernetes.io/") {
-        return true;
-    }
-    let domain = key.split_once('/').map(|(d, _)| d).unwrap_or("");
-    !(DROP_EXACT.contains(&key)
-        || key.starts_with("annotation.")
-        || key.starts_with("io.kubernetes")
-        || domain == "kubernetes.io"
-        || domain.ends_with(".kubernetes.io")
-        || domain == "k8s.io"
-        || domain.ends_with(".k8s.io"))
-}
-
-/// The identity labels of `pod` in namespace `ns_labels`, in cluster `cluster`.
+/// The identity labels of `pod` in a namespace labelled `ns_labels`, in cluster `cluster`.
 pub fn pod_identity_labels(
     pod: &Pod,
     ns_labels: &BTreeMap<String, String>,
     cluster: &str,
 ) -> LabelArray {
-    let mut labels = LabelArray::default();
-    let k8s = |key: &str, value: &str| Label::new(LABEL_SOURCE_K8S, key, value);
-    for (key, value) in pod.metadata.labels.iter().flatten() {
-        if keep_pod_label(key) {
-            labels.push(k8s(key, value));
-        }
-    }
+    let mut labels: BTreeMap<String, String> = pod
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .filter(|(key, _)| !key.starts_with(CILIUM_OWNED_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     for (key, value) in ns_labels {
-        labels.push(k8s(&format!("{NAMESPACE_LABELS_PREFIX}{key}"), value));
+        labels.insert(format!("{NAMESPACE_LABELS_PREFIX}{key}"), value.clone());
     }
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-    labels.push(k8s(POD_NAMESPACE_LABEL, namespace));
-    let sa = pod
+    labels.insert(POD_NAMESPACE_LABEL.into(), namespace.into());
+    match pod
         .spec
         .as_ref()
         .and_then(|s| s.service_account_name.as_deref())
-        .unwrap_or("default");
-    labels.push(k8s(POLICY_LABEL_SERVICE_ACCOUNT, sa));
-    labels.push(k8s(POLICY_LABEL_CLUSTER, cluster));
+    {
+        Some(sa) if !sa.is_empty() => {
+            labels.insert(POLICY_LABEL_SERVICE_ACCOUNT.into(), sa.into());
+        }
+        _ => {}
+    }
+    labels.insert(POLICY_LABEL_CLUSTER.into(), cluster.into());
     labels
+        .into_iter()
+        .map(|(key, value)| Label::new(LABEL_SOURCE_K8S, key, value))
+        .filter(is_identity_label)
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn default_filter_keeps_workload_labels_only() {
-        for keep in ["app", "tier", "app.kubernetes.io/name", "example.com/team"] {
-            assert!(keep_pod_label(keep), "{keep}");
-        }
-        for drop in [
-            "pod-template-hash",
-            "controller-revision-hash",
-            "statefulset.kubernetes.io/pod-name",
-            "batch.kubernetes.io/job-name",
-            "kubernetes.io/hostname",
-            "io.kubernetes.pod.namespace",
-            "failure-domain.beta.kubernetes.io/zone",
-            "annotation.foo",
-        ] {
-            assert!(!keep_pod_label(drop), "{drop}");
-        }
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    fn shop_ns() -> BTreeMap<String, String> {
+        BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "shop".to_owned())])
     }
 
     #[test]
     fn pod_labels_match_ciliums_sorted_list() {
-        let pod: Pod = serde_yaml_ng::from_str(
+        let pod = pod(
             "metadata: {name: fe-1, namespace: shop, labels: {app: frontend, pod-template-hash: abc}}\n\
              spec: {serviceAccountName: fe, containers: []}",
-        )
-        .unwrap();
-        let ns = BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "shop".to_owned())]);
+        );
         assert_eq!(
-            pod_identity_labels(&pod, &ns, "cluster-usa").to_sorted_list(),
+            pod_identity_labels(&pod, &shop_ns(), "cluster-usa").to_sorted_list(),
             "k8s:app=frontend;k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=shop;\
              k8s:io.cilium.k8s.policy.cluster=cluster-usa;k8s:io.cilium.k8s.policy.serviceaccount=fe;\
              k8s:io.kubernetes.pod.namespace=shop;"
+        );
+    }
+
+    #[test]
+    fn a_pod_cannot_claim_ciliums_labels() {
+        // Another service account, another namespace's labels, another cluster, another
+        // namespace, and keys merely starting with the prefix: all replaced or dropped.
+        let pod = pod(r#"
+metadata:
+  name: evil
+  namespace: shop
+  labels:
+    app: evil
+    io.cilium.k8s.policy.serviceaccount: admin
+    io.cilium.k8s.namespace.labels.team: platform
+    io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name: kube-system
+    io.cilium.k8s.policy.cluster: cluster-europe
+    io.kubernetes.pod.namespace: kube-system
+    io.cilium.k8sfoo: x
+spec: {serviceAccountName: default, containers: []}
+"#);
+        assert_eq!(
+            pod_identity_labels(&pod, &shop_ns(), "cluster-usa").to_sorted_list(),
+            "k8s:app=evil;k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=shop;\
+             k8s:io.cilium.k8s.policy.cluster=cluster-usa;k8s:io.cilium.k8s.policy.serviceaccount=default;\
+             k8s:io.kubernetes.pod.namespace=shop;"
+        );
+    }
+
+    #[test]
+    fn no_service_account_label_without_a_service_account() {
+        // Cilium removes the key (even one the pod set) when spec.serviceAccountName is empty.
+        for spec in [
+            "{containers: []}",
+            "{serviceAccountName: '', containers: []}",
+        ] {
+            let pod = pod(&format!(
+                "metadata: {{name: a, labels: {{io.cilium.k8s.policy.serviceaccount: admin}}}}\n\
+                 spec: {spec}"
+            ));
+            let labels = pod_identity_labels(&pod, &BTreeMap::new(), "c1");
+            assert_eq!(
+                labels.to_sorted_list(),
+                "k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=default;",
+                "{spec}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_label_filter_applies_to_pod_and_namespace_labels() {
+        let pod = pod(r#"
+metadata:
+  name: worker-0
+  namespace: batch
+  labels:
+    job-name: nightly
+    batch.kubernetes.io/job-name: nightly
+    batch.kubernetes.io/job-completion-index: "0"
+    batch.kubernetes.io/controller-uid: "1234"
+    controller-uid: "1234"
+    statefulset.kubernetes.io/pod-name: worker-0
+    team.k8s.io/owner: data
+spec: {containers: []}
+"#);
+        // Namespace labels keep their names after the prefix: the filter sees the full key.
+        let ns = BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "batch".to_owned())]);
+        assert_eq!(
+            pod_identity_labels(&pod, &ns, "c1").to_sorted_list(),
+            "k8s:batch.kubernetes.io/job-name=nightly;\
+             k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=batch;\
+             k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=batch;\
+             k8s:job-name=nightly;k8s:team.k8s.io/owner=data;"
         );
     }
 }

@@ -3,13 +3,13 @@
 //! source. Namespace scoping is applied here, see [`Selector::for_endpoint`] and
 //! [`Selector::for_peer`].
 
-use crate::identity::labels::POD_NAMESPACE_LABEL;
-use crate::identity::labels::{LABEL_SOURCE_K8S, LABEL_SOURCE_RESERVED, LabelArray};
+use crate::identity::labels::{
+    LABEL_SOURCE_K8S, LABEL_SOURCE_RESERVED, LabelArray, NAMESPACE_LABELS_PREFIX,
+    POD_NAMESPACE_LABEL,
+};
 
 use super::types::{LabelSelector, SelectorOperator};
 
-/// Prefix of the labels Cilium derives from the pod's namespace labels.
-const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
 /// Source prefix meaning "any source".
 const LABEL_SOURCE_ANY: &str = "any";
 
@@ -32,15 +32,18 @@ struct Requirement {
 }
 
 impl Requirement {
+    /// One label per key (see [`LabelArray`]); a label of another source than the one
+    /// named counts as absent, as in Cilium's `LabelArray.Get`.
     fn matches(&self, labels: &LabelArray) -> bool {
-        let mut values = labels
-            .iter()
-            .filter(|l| l.key == self.key && self.source.as_deref().is_none_or(|s| s == l.source));
+        let value = labels
+            .get(&self.key)
+            .filter(|l| self.source.as_deref().is_none_or(|s| s == l.source))
+            .map(|l| &l.value);
         match &self.op {
-            Op::In(vals) => values.any(|l| vals.contains(&l.value)),
-            Op::NotIn(vals) => values.all(|l| !vals.contains(&l.value)),
-            Op::Exists => values.next().is_some(),
-            Op::DoesNotExist => values.next().is_none(),
+            Op::In(vals) => value.is_some_and(|v| vals.contains(v)),
+            Op::NotIn(vals) => value.is_none_or(|v| !vals.contains(v)),
+            Op::Exists => value.is_some(),
+            Op::DoesNotExist => value.is_none(),
         }
     }
 }

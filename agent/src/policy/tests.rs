@@ -14,7 +14,7 @@ const WEB_EUROPE: u32 = 1003;
 const DNS_EUROPE: u32 = 1004;
 
 fn labels(list: &str) -> LabelArray {
-    LabelArray::parse_sorted_list(list)
+    LabelArray::parse_sorted_list(list).unwrap()
 }
 
 fn pod(app: &str, cluster: &str, ns: &str) -> LabelArray {

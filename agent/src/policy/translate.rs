@@ -144,10 +144,8 @@ impl<'a> Ctx<'a> {
             if let Some(name) = reserved_identity_name(id)
                 && !universe.iter().any(|(u, _)| *u == id)
             {
-                identities.push((
-                    id,
-                    LabelArray(vec![Label::new(LABEL_SOURCE_RESERVED, name, "")]),
-                ));
+                let labels = [Label::new(LABEL_SOURCE_RESERVED, name, "")];
+                identities.push((id, labels.into_iter().collect()));
             }
         }
         Ctx {

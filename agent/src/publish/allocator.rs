@@ -70,24 +70,23 @@ impl IdentityAllocator {
         })
     }
 
-    /// The labels with this cluster's label added (every pod identity carries it).
+    /// The labels with this cluster's label set (every pod identity carries it).
     fn with_cluster_label(&self, labels: &LabelArray) -> Result<LabelArray, AllocatorError> {
-        let mut labels = labels.clone();
-        match labels.cluster_name() {
-            Some(c) if c != self.cluster => {
-                return Err(AllocatorError::ForeignCluster {
-                    labels: labels.to_sorted_list(),
-                    found: c.into(),
-                    expected: self.cluster.clone(),
-                });
-            }
-            Some(_) => {}
-            None => labels.push(Label::new(
-                LABEL_SOURCE_K8S,
-                POLICY_LABEL_CLUSTER,
-                self.cluster.clone(),
-            )),
+        if let Some(found) = labels.cluster_name()
+            && found != self.cluster
+        {
+            return Err(AllocatorError::ForeignCluster {
+                labels: labels.to_sorted_list(),
+                found: found.into(),
+                expected: self.cluster.clone(),
+            });
         }
+        let mut labels = labels.clone();
+        labels.insert(Label::new(
+            LABEL_SOURCE_K8S,
+            POLICY_LABEL_CLUSTER,
+            self.cluster.clone(),
+        ));
         Ok(labels)
     }
 

@@ -13,7 +13,7 @@ use super::node::KvNode;
 use super::service::KvClusterService;
 use super::{WireError, json};
 use crate::identity::cluster::{MaxConnectedClusters, validate_cluster_id};
-use crate::identity::labels::{LABEL_SOURCE_K8S, LabelArray, POLICY_LABEL_CLUSTER};
+use crate::identity::labels::{LABEL_SOURCE_K8S, LabelArray, LabelError, POLICY_LABEL_CLUSTER};
 use crate::identity::{self, ClusterError, IdentityRange, NumericIdentity};
 
 pub const KIND_NODE: &str = "node";
@@ -88,6 +88,12 @@ pub enum RejectReason {
     },
     #[error("labels lack {LABEL_SOURCE_K8S}:{POLICY_LABEL_CLUSTER}=<cluster>")]
     MissingClusterLabel,
+    #[error("labels carry {POLICY_LABEL_CLUSTER} more than once")]
+    DuplicateClusterLabel,
+    #[error("label key {0:?} appears more than once")]
+    DuplicateLabel(String),
+    #[error("label {0:?} has an empty key")]
+    EmptyLabelKey(String),
     #[error("IP address {prefix:?} does not match key {key:?}")]
     IpKeyMismatch { key: String, prefix: String },
     #[error("ClusterID 0 is reserved")]
@@ -114,6 +120,9 @@ impl RejectReason {
             RejectReason::InvalidIdentity(_) => "invalid-identity",
             RejectReason::IdentityOutOfRange { .. } => "identity-out-of-range",
             RejectReason::MissingClusterLabel => "missing-cluster-label",
+            RejectReason::DuplicateClusterLabel => "duplicate-cluster-label",
+            RejectReason::DuplicateLabel(_) => "duplicate-label",
+            RejectReason::EmptyLabelKey(_) => "empty-label-key",
             RejectReason::IpKeyMismatch { .. } => "ip-key-mismatch",
             RejectReason::ReservedClusterId => "reserved-cluster-id",
             RejectReason::InvalidClusterId { .. } => "invalid-cluster-id",
@@ -371,9 +380,9 @@ pub fn decode_remote_service(
 // ---------------------------------------------------------------------------------------
 // Identities
 
-/// Decodes an identity of our own cluster: the key (after an optional leading `/`) is a
-/// decimal ID and the value a non-empty label list.
-pub fn decode_local_identity(key_suffix: &str, value: &[u8]) -> Result<KvIdentity, Rejection> {
+/// The ID of an identity key (after an optional leading `/`, decimal) and its label list,
+/// which must hold each key once and something at all.
+fn decode_identity(key_suffix: &str, value: &[u8]) -> Result<KvIdentity, Rejection> {
     let kind = KIND_IDENTITY;
     let digits = key_suffix.strip_prefix('/').unwrap_or(key_suffix);
     // `parse` alone would accept a leading '+'.
@@ -390,23 +399,40 @@ pub fn decode_local_identity(key_suffix: &str, value: &[u8]) -> Result<KvIdentit
     }
     let list = std::str::from_utf8(value)
         .map_err(|e| Rejection::new(kind, RejectReason::Decode(format!("labels: {e}"))))?;
-    let labels = LabelArray::parse_sorted_list(list);
+    let labels = LabelArray::parse_sorted_list(list).map_err(|e| {
+        let reason = match e {
+            LabelError::DuplicateKey(key) if key == POLICY_LABEL_CLUSTER => {
+                RejectReason::DuplicateClusterLabel
+            }
+            LabelError::DuplicateKey(key) => RejectReason::DuplicateLabel(key),
+            LabelError::EmptyKey(entry) => RejectReason::EmptyLabelKey(entry),
+        };
+        Rejection::new(kind, reason)
+    })?;
     if labels.is_empty() {
         return Err(Rejection::new(kind, RejectReason::EmptyValue));
     }
     Ok(KvIdentity { id, labels })
 }
 
+/// Decodes an identity of our own cluster: the key is a decimal ID, the value a non-empty
+/// label list with each key once (a repeated key is ambiguous: Cilium matches the first,
+/// strait cannot hold both).
+pub fn decode_local_identity(key_suffix: &str, value: &[u8]) -> Result<KvIdentity, Rejection> {
+    decode_identity(key_suffix, value)
+}
+
 /// Decodes a remote identity: as [`decode_local_identity`], plus the ID must lie in the
-/// remote's allocation range and the labels must carry
-/// `k8s:io.cilium.k8s.policy.cluster=<remote>`.
+/// remote's allocation range and the labels must carry exactly one
+/// `io.cilium.k8s.policy.cluster` label, of source `k8s`, naming the remote (Cilium's
+/// `clusterIDValidator` and `clusterNameValidator`; the label rules are stricter).
 pub fn decode_remote_identity(
     remote: &RemoteContext,
     key_suffix: &str,
     value: &[u8],
 ) -> Result<KvIdentity, Rejection> {
     let kind = KIND_IDENTITY;
-    let ident = decode_local_identity(key_suffix, value)?;
+    let ident = decode_identity(key_suffix, value)?;
     let range = remote.identity_range();
     if !range.contains(ident.id) {
         return Err(Rejection::new(
@@ -747,6 +773,45 @@ mod tests {
         // Own cluster: no range or label rule.
         assert!(decode_local_identity("300", "k8s:app=foo;".as_bytes()).is_ok());
         assert_eq!(reason(decode_local_identity("300", b"")), "empty-value");
+    }
+
+    /// Each hostile label list next to c1's valid cluster label, with the reason counted.
+    #[test]
+    fn identity_label_rules() {
+        let r = c1();
+        let d = |v: &str| reason(decode_remote_identity(&r, "65536", v.as_bytes()));
+        let cluster = "k8s:io.cilium.k8s.policy.cluster=c1;";
+        // A repeated key: Cilium would match the first occurrence.
+        assert_eq!(
+            d(&format!("k8s:app=a;k8s:app=b;{cluster}")),
+            "duplicate-label"
+        );
+        assert_eq!(
+            d(&format!("{cluster}k8s:app=a;reserved:app=;")),
+            "duplicate-label"
+        );
+        // A second cluster label naming the local cluster, before or after the remote's own,
+        // of any source: Cilium rejects these too.
+        for second in [
+            "k8s:io.cilium.k8s.policy.cluster=cluster-usa;",
+            "unspec:io.cilium.k8s.policy.cluster=cluster-usa;",
+            "any:io.cilium.k8s.policy.cluster=c1;",
+        ] {
+            assert_eq!(d(&format!("{cluster}{second}")), "duplicate-cluster-label");
+            assert_eq!(d(&format!("{second}{cluster}")), "duplicate-cluster-label");
+        }
+        assert_eq!(d(&format!("k8s:=x;{cluster}")), "empty-label-key");
+    }
+
+    #[test]
+    fn local_identity_label_rules() {
+        let d = |v: &str| reason(decode_local_identity("300", v.as_bytes()));
+        assert_eq!(d("k8s:app=a;k8s:app=b;"), "duplicate-label");
+        assert_eq!(
+            d("k8s:io.cilium.k8s.policy.cluster=a;k8s:io.cilium.k8s.policy.cluster=b;"),
+            "duplicate-cluster-label"
+        );
+        assert_eq!(d("k8s:=a;"), "empty-label-key");
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub const LABEL_SOURCE_K8S: &str = "k8s";
 pub const LABEL_SOURCE_RESERVED: &str = "reserved";
 /// Source given to a label written without one.
 pub const LABEL_SOURCE_UNSPEC: &str = "unspec";
+/// Source of labels the agent generates for an endpoint (Cilium 1.20's named ports).
+pub const LABEL_SOURCE_GENERATED: &str = "gen";
 
 /// Label every pod identity carries, naming the owning cluster.
 pub const POLICY_LABEL_CLUSTER: &str = "io.cilium.k8s.policy.cluster";
@@ -18,6 +20,8 @@ pub const POD_NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
 pub const POLICY_LABEL_SERVICE_ACCOUNT: &str = "io.cilium.k8s.policy.serviceaccount";
 /// Prefix of the labels Cilium derives from the pod's namespace labels.
 pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
+/// Key of Cilium 1.20's generated named-ports label; continuation chunks append `-<n>`.
+pub const NAMED_PORTS_LABEL: &str = "io.cilium.k8s.named-ports";
 /// Keys Cilium owns: a pod's own labels starting so (no dot needed) are dropped.
 pub const CILIUM_OWNED_PREFIX: &str = "io.cilium.k8s";
 
@@ -54,6 +58,28 @@ impl Label {
         };
         let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
         Label::new(source, key, value)
+    }
+
+    /// Whether a workload's global identity (one stored in the kvstore) may carry this
+    /// label: `k8s:` labels, and Cilium 1.20's `gen:io.cilium.k8s.named-ports[-<n>]`. Any
+    /// other source names what is no pod of a cluster (`reserved:host` would make policy
+    /// treat it as that entity; `cidr:`, `fqdn:`, `node:` identities are node-local) or no
+    /// source at all (`unspec`, `any`).
+    pub fn is_workload_label(&self) -> bool {
+        match self.source.as_str() {
+            LABEL_SOURCE_K8S => true,
+            LABEL_SOURCE_GENERATED => {
+                self.key
+                    .strip_prefix(NAMED_PORTS_LABEL)
+                    .is_some_and(|rest| {
+                        rest.is_empty()
+                            || rest.strip_prefix('-').is_some_and(|n| {
+                                !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                            })
+                    })
+            }
+            _ => false,
+        }
     }
 }
 
@@ -270,5 +296,35 @@ mod tests {
             parse("unspec:io.cilium.k8s.policy.cluster=c1;").cluster_name(),
             None
         );
+    }
+
+    #[test]
+    fn workload_labels() {
+        for ok in [
+            "k8s:app=x",
+            "k8s:io.cilium.k8s.policy.cluster=c1",
+            "gen:io.cilium.k8s.named-ports=http:TCP:80",
+            "gen:io.cilium.k8s.named-ports-1=dns:UDP:53",
+        ] {
+            assert!(Label::parse(ok).is_workload_label(), "{ok}");
+        }
+        for bad in [
+            "reserved:host",
+            "$host",
+            "reserved:remote-node",
+            "cidr:10.0.0.0/8",
+            "fqdn:example.com",
+            "node:kubernetes.io/hostname=n1",
+            "container:app=x",
+            "unspec:app=x",
+            "app=x",
+            "any:app=x",
+            "gen:app=x",
+            "gen:io.cilium.k8s.named-ports-=x",
+            "gen:io.cilium.k8s.named-ports-x=x",
+            "gen:io.cilium.k8s.named-portsx=x",
+        ] {
+            assert!(!Label::parse(bad).is_workload_label(), "{bad}");
+        }
     }
 }

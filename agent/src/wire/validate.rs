@@ -94,6 +94,8 @@ pub enum RejectReason {
     DuplicateLabel(String),
     #[error("label {0:?} has an empty key")]
     EmptyLabelKey(String),
+    #[error("label {0:?} is not a workload label (only k8s: and generated named ports are)")]
+    NonWorkloadLabel(String),
     #[error("IP address {prefix:?} does not match key {key:?}")]
     IpKeyMismatch { key: String, prefix: String },
     #[error("ClusterID 0 is reserved")]
@@ -123,6 +125,7 @@ impl RejectReason {
             RejectReason::DuplicateClusterLabel => "duplicate-cluster-label",
             RejectReason::DuplicateLabel(_) => "duplicate-label",
             RejectReason::EmptyLabelKey(_) => "empty-label-key",
+            RejectReason::NonWorkloadLabel(_) => "non-workload-label",
             RejectReason::IpKeyMismatch { .. } => "ip-key-mismatch",
             RejectReason::ReservedClusterId => "reserved-cluster-id",
             RejectReason::InvalidClusterId { .. } => "invalid-cluster-id",
@@ -415,11 +418,21 @@ fn decode_identity(key_suffix: &str, value: &[u8]) -> Result<KvIdentity, Rejecti
     Ok(KvIdentity { id, labels })
 }
 
+/// Refuses identities carrying labels no workload has (see `Label::is_workload_label`).
+fn check_workload_labels(ident: KvIdentity) -> Result<KvIdentity, Rejection> {
+    if let Some(l) = ident.labels.iter().find(|l| !l.is_workload_label()) {
+        let reason = RejectReason::NonWorkloadLabel(l.to_string());
+        return Err(Rejection::new(KIND_IDENTITY, reason));
+    }
+    Ok(ident)
+}
+
 /// Decodes an identity of our own cluster: the key is a decimal ID, the value a non-empty
 /// label list with each key once (a repeated key is ambiguous: Cilium matches the first,
-/// strait cannot hold both).
+/// strait cannot hold both), and every label a workload's: a global identity with
+/// `reserved:host` would be treated as the host by entity rules.
 pub fn decode_local_identity(key_suffix: &str, value: &[u8]) -> Result<KvIdentity, Rejection> {
-    decode_identity(key_suffix, value)
+    check_workload_labels(decode_identity(key_suffix, value)?)
 }
 
 /// Decodes a remote identity: as [`decode_local_identity`], plus the ID must lie in the
@@ -448,7 +461,7 @@ pub fn decode_remote_identity(
         None => Err(Rejection::new(kind, RejectReason::MissingClusterLabel)),
         Some(c) => check_cluster(kind, "label io.cilium.k8s.policy.cluster", remote, c),
     }?;
-    Ok(ident)
+    check_workload_labels(ident)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -800,7 +813,41 @@ mod tests {
             assert_eq!(d(&format!("{cluster}{second}")), "duplicate-cluster-label");
             assert_eq!(d(&format!("{second}{cluster}")), "duplicate-cluster-label");
         }
+        // Labels of reserved identities and other non-workload sources.
+        for other in [
+            "reserved:host=;",
+            "$host;",
+            "reserved:remote-node=;",
+            "reserved:kube-apiserver=;",
+            "cidr:0.0.0.0/0=;",
+            "fqdn:example.com=;",
+            "node:kubernetes.io/hostname=n1;",
+            "container:app=x;",
+            "unspec:app=x;",
+            "any:app=x;",
+            "gen:app=x;",
+        ] {
+            assert_eq!(
+                d(&format!("k8s:team=a;{cluster}{other}")),
+                "non-workload-label",
+                "{other}"
+            );
+        }
         assert_eq!(d(&format!("k8s:=x;{cluster}")), "empty-label-key");
+        // Cilium 1.20's generated named-ports labels are a workload's.
+        let named = format!(
+            "gen:io.cilium.k8s.named-ports=http:TCP:80;gen:io.cilium.k8s.named-ports-1=dns:UDP:53;k8s:app=a;{cluster}"
+        );
+        assert!(decode_remote_identity(&r, "65536", named.as_bytes()).is_ok());
+        let r = decode_remote_identity(
+            &c1(),
+            "65536",
+            format!("{cluster}reserved:host=;").as_bytes(),
+        );
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "identity rejected: label \"reserved:host=\" is not a workload label (only k8s: and generated named ports are)"
+        );
     }
 
     #[test]
@@ -811,6 +858,7 @@ mod tests {
             d("k8s:io.cilium.k8s.policy.cluster=a;k8s:io.cilium.k8s.policy.cluster=b;"),
             "duplicate-cluster-label"
         );
+        assert_eq!(d("k8s:app=a;reserved:host=;"), "non-workload-label");
         assert_eq!(d("k8s:=a;"), "empty-label-key");
     }
 

@@ -1,10 +1,12 @@
 //! What an agent writes to its own cluster's etcd, against a real etcd: identities with
 //! Cilium's kvstore allocator semantics, and endpoints (ip/v1) that remote clusters accept.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
+use k8s_openapi::api::core::v1::Pod;
 use strait::{
     identity::{IdentityRange, LabelArray, MaxConnectedClusters},
+    k8s::labels::pod_identity_labels,
     kvstore::EtcdClient,
     publish::{
         allocator::{AllocatorError, IdentityAllocator},
@@ -146,6 +148,37 @@ async fn identities_are_allocated_in_range_shared_across_nodes_and_released() {
         get(&client, &master).await.is_none(),
         "unused identity released"
     );
+}
+
+/// A pod labelled with Cilium's own keys (another cluster, another service account) gets an
+/// identity carrying this cluster's values instead: it is allocated (a foreign cluster label
+/// used to be refused on every retry, leaving the pod without policy) and remote clusters
+/// accept it as cluster-usa's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_claiming_ciliums_labels_gets_an_identity_of_this_cluster() {
+    let etcd = EtcdServer::new();
+    let client = EtcdClient::connect(&etcd.config()).await.unwrap();
+    let usa1 = IdentityAllocator::new(client.clone(), "cluster-usa", range(), "usa-1", TTL)
+        .await
+        .unwrap();
+    let pod: Pod = serde_yaml_ng::from_str(
+        "metadata:\n  name: evil\n  namespace: default\n  labels:\n    app: evil\n    \
+         io.cilium.k8s.policy.cluster: cluster-europe\n    \
+         io.cilium.k8s.policy.serviceaccount: admin\n\
+         spec: {serviceAccountName: default, containers: []}",
+    )
+    .unwrap();
+    let id = usa1
+        .allocate(&pod_identity_labels(&pod, &BTreeMap::new(), "cluster-usa"))
+        .await
+        .unwrap();
+    assert!(range().contains(id));
+    let sorted = "k8s:app=evil;k8s:io.cilium.k8s.policy.cluster=cluster-usa;\
+                  k8s:io.cilium.k8s.policy.serviceaccount=default;k8s:io.kubernetes.pod.namespace=default;";
+    let master = format!("cilium/state/identities/v1/id/{id}");
+    assert_eq!(get(&client, &master).await.as_deref(), Some(sorted));
+    let ctx = RemoteContext::new("cluster-usa", 1, MaxConnectedClusters::Max255);
+    assert!(validate::decode_remote_identity(&ctx, &id.to_string(), sorted.as_bytes()).is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

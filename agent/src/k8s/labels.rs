@@ -60,6 +60,7 @@ pub fn pod_identity_labels(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{LabelSelector, Selector};
 
     fn pod(yaml: &str) -> Pod {
         serde_yaml_ng::from_str(yaml).unwrap()
@@ -107,6 +108,17 @@ spec: {serviceAccountName: default, containers: []}
              k8s:io.cilium.k8s.policy.cluster=cluster-usa;k8s:io.cilium.k8s.policy.serviceaccount=default;\
              k8s:io.kubernetes.pod.namespace=shop;"
         );
+        // So selectors for what the pod claimed do not select it.
+        let labels = pod_identity_labels(&pod, &shop_ns(), "cluster-usa");
+        for claimed in [
+            "io.cilium.k8s.policy.serviceaccount: admin",
+            "io.cilium.k8s.namespace.labels.team: platform",
+            "k8s:io.cilium.k8s.policy.cluster: cluster-europe",
+        ] {
+            let selector: LabelSelector =
+                serde_yaml_ng::from_str(&format!("matchLabels: {{{claimed}}}")).unwrap();
+            assert!(!Selector::new(&selector).matches(&labels), "{claimed}");
+        }
     }
 
     #[test]

@@ -1,0 +1,197 @@
+//! A remote cluster whose kvstore is written by an attacker, against a real etcd: each value
+//! that would widen access is rejected and counted per reason, the remote's valid values keep
+//! syncing, and policy never sees what was rejected.
+
+use std::time::Duration;
+
+use strait::{
+    identity::{LabelArray, MaxConnectedClusters},
+    kvstore::EtcdClient,
+    mesh::{
+        manager::ClusterMesh,
+        remote::{LocalCluster, RemoteTiming},
+    },
+    metrics::Metrics,
+    policy::{self, Direction, PROTO_TCP},
+    state::StateHandle,
+};
+use strait_tests::etcd::{CiliumConfigOptions, EtcdServer};
+
+const WAIT: Duration = Duration::from_secs(20);
+const IDS: &str = "cilium/state/identities/v1/id";
+const CLUSTER: &str = "k8s:io.cilium.k8s.policy.cluster=cluster-europe;";
+
+async fn put(client: &EtcdClient, key: &str, value: &str) {
+    client
+        .put(key, value.as_bytes().to_vec(), None)
+        .await
+        .unwrap_or_else(|e| panic!("put {key}: {e}"));
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Identities the state model holds, as policy translation sees them.
+fn universe(state: &StateHandle) -> Vec<(u32, LabelArray)> {
+    state
+        .read()
+        .identities()
+        .map(|i| {
+            let labels = LabelArray::parse_sorted_list(&i.labels.join(";")).unwrap();
+            (i.id, labels)
+        })
+        .collect()
+}
+
+/// Whether an endpoint of ours, under `fromEntities: [host]`, admits `id`.
+fn host_rule_admits(state: &StateHandle, id: u32) -> bool {
+    let policies = policy::parse_documents(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n\
+         metadata: {name: from-host, namespace: default}\n\
+         spec: {endpointSelector: {}, ingress: [{fromEntities: [host]}]}",
+    );
+    assert!(policies.errors.is_empty(), "{:?}", policies.errors);
+    let endpoint = LabelArray::parse_sorted_list(
+        "k8s:app=db;k8s:io.cilium.k8s.policy.cluster=cluster-usa;k8s:io.kubernetes.pod.namespace=default;",
+    )
+    .unwrap();
+    policy::translate(
+        &policies.policies,
+        &endpoint,
+        &universe(state),
+        "cluster-usa",
+    )
+    .allows(Direction::Ingress, id, PROTO_TCP, 5432)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_remote_identities_are_rejected_and_counted_while_valid_ones_sync() {
+    let europe = EtcdServer::new();
+    let client = EtcdClient::connect(&europe.config()).await.unwrap();
+    put(
+        &client,
+        "cilium/cluster-config/cluster-europe",
+        r#"{"id":2,"capabilities":{"maxConnectedClusters":255}}"#,
+    )
+    .await;
+    let valid = [
+        (131073, format!("k8s:app=database;{CLUSTER}")),
+        // Cilium 1.20 adds generated named-ports labels to pod identities.
+        (
+            131074,
+            format!("gen:io.cilium.k8s.named-ports=http:TCP:80;k8s:app=web;{CLUSTER}"),
+        ),
+    ];
+    let hostile = [
+        (
+            131080,
+            format!("k8s:app=a;k8s:app=admin;{CLUSTER}"),
+            "duplicate-label",
+        ),
+        (
+            131081,
+            format!("k8s:app=b;{CLUSTER}k8s:io.cilium.k8s.policy.cluster=cluster-usa;"),
+            "duplicate-cluster-label",
+        ),
+        (
+            131082,
+            format!("k8s:app=c;{CLUSTER}reserved:host=;"),
+            "non-workload-label",
+        ),
+        (
+            131083,
+            format!("{CLUSTER}reserved:kube-apiserver=;"),
+            "non-workload-label",
+        ),
+        (
+            131084,
+            format!("{CLUSTER}cidr:0.0.0.0/0=;"),
+            "non-workload-label",
+        ),
+        (131085, format!("k8s:=x;{CLUSTER}"), "empty-label-key"),
+    ];
+    for (id, labels) in &valid {
+        put(&client, &format!("{IDS}/{id}"), labels).await;
+    }
+    for (id, labels, _) in &hostile {
+        put(&client, &format!("{IDS}/{id}"), labels).await;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    europe.write_cilium_config(
+        &dir.path().join("cluster-europe"),
+        CiliumConfigOptions::default(),
+    );
+    let state = StateHandle::new("cluster-usa", 1);
+    let metrics = Metrics::new();
+    let local = LocalCluster {
+        name: "cluster-usa".into(),
+        id: 1,
+        max_connected_clusters: MaxConnectedClusters::Max255,
+    };
+    let timing = RemoteTiming {
+        config_timeout: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(1),
+        status_interval: Duration::from_millis(100),
+    };
+    let mesh = ClusterMesh::spawn(
+        dir.path().into(),
+        local,
+        state.clone(),
+        metrics.clone(),
+        timing,
+    );
+    wait_for("cluster-europe ready", || {
+        mesh.statuses()
+            .iter()
+            .any(|s| s.name == "cluster-europe" && s.ready)
+    })
+    .await;
+
+    let ids: Vec<u32> = state.read().identities().map(|i| i.id).collect();
+    assert_eq!(ids, [131073, 131074], "only the valid identities sync");
+    let text = metrics.render();
+    for reason in [
+        "duplicate-label",
+        "duplicate-cluster-label",
+        "non-workload-label",
+        "empty-label-key",
+    ] {
+        let n = hostile.iter().filter(|(_, _, r)| *r == reason).count();
+        let line = format!(
+            r#"strait_kvstore_rejected_total{{cluster="cluster-europe",kind="identity",reason="{reason}"}} {n}"#
+        );
+        assert!(text.contains(&line), "missing `{line}` in:\n{text}");
+    }
+    // The rejected reserved:host identity is no host to entity rules.
+    assert!(!host_rule_admits(&state, 131082));
+    assert!(
+        host_rule_admits(&state, 1),
+        "the rule itself admits the host"
+    );
+
+    // A valid identity turned hostile is dropped, not kept in its old form; its neighbour stays.
+    put(
+        &client,
+        &format!("{IDS}/131073"),
+        &format!("k8s:app=database;{CLUSTER}reserved:host=;"),
+    )
+    .await;
+    wait_for("131073 withdrawn", || {
+        state.read().identity(131073).is_none()
+    })
+    .await;
+    assert!(state.read().identity(131074).is_some());
+    assert!(!host_rule_admits(&state, 131073));
+    assert!(metrics.render().contains(
+        r#"strait_kvstore_rejected_total{cluster="cluster-europe",kind="identity",reason="non-workload-label"} 4"#
+    ));
+}

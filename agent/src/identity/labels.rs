@@ -68,18 +68,20 @@ impl Label {
     pub fn is_workload_label(&self) -> bool {
         match self.source.as_str() {
             LABEL_SOURCE_K8S => true,
-            LABEL_SOURCE_GENERATED => {
-                self.key
-                    .strip_prefix(NAMED_PORTS_LABEL)
-                    .is_some_and(|rest| {
-                        rest.is_empty()
-                            || rest.strip_prefix('-').is_some_and(|n| {
-                                !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
-                            })
-                    })
-            }
+            LABEL_SOURCE_GENERATED => is_named_ports_key(&self.key),
             _ => false,
         }
+    }
+}
+
+/// `io.cilium.k8s.named-ports`, or a continuation chunk `io.cilium.k8s.named-ports-<n>`.
+fn is_named_ports_key(key: &str) -> bool {
+    match key.strip_prefix(NAMED_PORTS_LABEL) {
+        Some("") => true,
+        Some(rest) => rest
+            .strip_prefix('-')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+        None => false,
     }
 }
 

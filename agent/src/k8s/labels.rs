@@ -39,15 +39,12 @@ pub fn pod_identity_labels(
     }
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     labels.insert(POD_NAMESPACE_LABEL.into(), namespace.into());
-    match pod
+    let service_account = pod
         .spec
         .as_ref()
-        .and_then(|s| s.service_account_name.as_deref())
-    {
-        Some(sa) if !sa.is_empty() => {
-            labels.insert(POLICY_LABEL_SERVICE_ACCOUNT.into(), sa.into());
-        }
-        _ => {}
+        .and_then(|s| s.service_account_name.as_ref());
+    if let Some(sa) = service_account.filter(|sa| !sa.is_empty()) {
+        labels.insert(POLICY_LABEL_SERVICE_ACCOUNT.into(), sa.clone());
     }
     labels.insert(POLICY_LABEL_CLUSTER.into(), cluster.into());
     labels

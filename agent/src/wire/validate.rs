@@ -88,12 +88,8 @@ pub enum RejectReason {
     },
     #[error("labels lack {LABEL_SOURCE_K8S}:{POLICY_LABEL_CLUSTER}=<cluster>")]
     MissingClusterLabel,
-    #[error("labels carry {POLICY_LABEL_CLUSTER} more than once")]
-    DuplicateClusterLabel,
-    #[error("label key {0:?} appears more than once")]
-    DuplicateLabel(String),
-    #[error("label {0:?} has an empty key")]
-    EmptyLabelKey(String),
+    #[error(transparent)]
+    Labels(#[from] LabelError),
     #[error("label {0:?} is not a workload label (only k8s: and generated named ports are)")]
     NonWorkloadLabel(String),
     #[error("IP address {prefix:?} does not match key {key:?}")]
@@ -122,9 +118,11 @@ impl RejectReason {
             RejectReason::InvalidIdentity(_) => "invalid-identity",
             RejectReason::IdentityOutOfRange { .. } => "identity-out-of-range",
             RejectReason::MissingClusterLabel => "missing-cluster-label",
-            RejectReason::DuplicateClusterLabel => "duplicate-cluster-label",
-            RejectReason::DuplicateLabel(_) => "duplicate-label",
-            RejectReason::EmptyLabelKey(_) => "empty-label-key",
+            RejectReason::Labels(LabelError::DuplicateKey(key)) if key == POLICY_LABEL_CLUSTER => {
+                "duplicate-cluster-label"
+            }
+            RejectReason::Labels(LabelError::DuplicateKey(_)) => "duplicate-label",
+            RejectReason::Labels(LabelError::EmptyKey(_)) => "empty-label-key",
             RejectReason::NonWorkloadLabel(_) => "non-workload-label",
             RejectReason::IpKeyMismatch { .. } => "ip-key-mismatch",
             RejectReason::ReservedClusterId => "reserved-cluster-id",
@@ -402,16 +400,7 @@ fn decode_identity(key_suffix: &str, value: &[u8]) -> Result<KvIdentity, Rejecti
     }
     let list = std::str::from_utf8(value)
         .map_err(|e| Rejection::new(kind, RejectReason::Decode(format!("labels: {e}"))))?;
-    let labels = LabelArray::parse_sorted_list(list).map_err(|e| {
-        let reason = match e {
-            LabelError::DuplicateKey(key) if key == POLICY_LABEL_CLUSTER => {
-                RejectReason::DuplicateClusterLabel
-            }
-            LabelError::DuplicateKey(key) => RejectReason::DuplicateLabel(key),
-            LabelError::EmptyKey(entry) => RejectReason::EmptyLabelKey(entry),
-        };
-        Rejection::new(kind, reason)
-    })?;
+    let labels = LabelArray::parse_sorted_list(list).map_err(|e| Rejection::new(kind, e.into()))?;
     if labels.is_empty() {
         return Err(Rejection::new(kind, RejectReason::EmptyValue));
     }

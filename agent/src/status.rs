@@ -1,5 +1,6 @@
-//! The agent's status document (served by the API, printed by `strait status`), modelled on
-//! `cilium-dbg status`: the remote-cluster entries use Cilium's RemoteCluster JSON names.
+//! The agent's status document (built by [`StatusSources`] from the agent's parts, served by
+//! the API, printed by `strait status`), modelled on `cilium-dbg status`: the remote-cluster
+//! entries use Cilium's RemoteCluster JSON names.
 
 use std::{fmt::Write as _, sync::Arc};
 

@@ -22,7 +22,7 @@ use crate::{
         publisher::{self, EndpointPublisher, LocalNode},
     },
     state::StateHandle,
-    status::{AgentStatus, ClusterMeshStatus, LocalStatus},
+    status::StatusSources,
     task::AbortOnDrop,
     wireguard::{BackendChoice, EncryptionAgent, EncryptionConfig},
 };
@@ -316,53 +316,18 @@ pub async fn run(
         }
     });
 
-    let status: api::StatusFn = {
-        let (state, mesh, synced, encryption, datapath) = (
-            state.clone(),
-            mesh.clone(),
-            local_watch.synced.clone(),
-            encryption.clone(),
-            datapath.clone(),
-        );
-        let (cluster, id, kvstore) = (
-            config.cluster.name.clone(),
-            config.cluster.id,
-            etcd.endpoints.join(","),
-        );
-        Arc::new(move || {
-            let encryption = encryption.as_ref().and_then(|e| e.status().ok());
-            // Before the read lock: both read the state model themselves, and a second read on
-            // this thread while a writer waits deadlocks the agent (std's RwLock).
-            let clusters = mesh.statuses();
-            let datapath = datapath.as_ref().map(|d| d.status());
-            let model = state.read();
-            let counts = model.counts(&cluster);
-            AgentStatus {
-                version: env!("CARGO_PKG_VERSION").into(),
-                cluster: LocalStatus {
-                    name: cluster.clone(),
-                    id,
-                    node: node_name.clone(),
-                    kvstore: kvstore.clone(),
-                    kvstore_synced: synced.all(),
-                    num_nodes: counts.nodes,
-                    num_endpoints: counts.endpoints,
-                    num_identities: counts.identities,
-                },
-                cluster_mesh: ClusterMeshStatus {
-                    clusters,
-                    num_global_services: model.service_views().iter().filter(|s| s.global).count(),
-                    datapath_down: model
-                        .clusters()
-                        .filter(|c| c.datapath_down)
-                        .map(|c| c.name.to_string())
-                        .collect(),
-                },
-                encryption,
-                datapath,
-            }
-        })
+    let status = StatusSources {
+        cluster: config.cluster.name.clone(),
+        cluster_id: config.cluster.id,
+        node: node_name,
+        kvstore: etcd.endpoints.join(","),
+        local_synced: local_watch.synced.clone(),
+        state: state.clone(),
+        mesh: mesh.clone(),
+        encryption: encryption.clone(),
+        datapath: datapath.clone(),
     };
+    let status: api::StatusFn = Arc::new(move || status.build());
     let api_server = tokio::spawn({
         let path = config.api_socket.clone();
         let flows = datapath.as_ref().map(|d| d.flows());

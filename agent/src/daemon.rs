@@ -9,7 +9,6 @@ use crate::{
     api,
     config::AgentConfig,
     datapath::{DatapathAgent, flows::IdentityLookup},
-    endpoints::{DatapathHooks, EndpointManager},
     identity::{IdentityRange, MaxConnectedClusters},
     kvstore::{ClustermeshConfigDir, EtcdClient, EtcdConfig},
     mesh::{
@@ -19,6 +18,7 @@ use crate::{
     metrics::Metrics,
     publish::{
         allocator::IdentityAllocator,
+        endpoints::EndpointSource,
         publisher::{self, EndpointPublisher, LocalNode},
     },
     state::StateHandle,
@@ -116,15 +116,15 @@ async fn start_health(
     tasks
 }
 
-/// Starts the local endpoint manager: this node's pods get identities, published ipcache
-/// entries and, with the datapath, their policy. Runs until the returned tasks are dropped.
+/// Starts the local endpoint source: this node's pods get identities, published ipcache
+/// entries and their local endpoints (with policy) in the state model. Runs until the
+/// returned tasks are dropped.
 async fn start_endpoints(
     config: &AgentConfig,
     client: &EtcdClient,
     node: &LocalNode,
     max: MaxConnectedClusters,
     state: StateHandle,
-    datapath: Option<&DatapathAgent>,
     objects: tokio::sync::watch::Receiver<crate::k8s::Objects>,
 ) -> anyhow::Result<[AbortOnDrop; 2]> {
     let allocator = IdentityAllocator::new(
@@ -149,18 +149,14 @@ async fn start_endpoints(
         let endpoints = endpoints.clone();
         async move { endpoints.keep_published().await }
     });
-    let manager = EndpointManager {
+    let source = EndpointSource {
         cluster: config.cluster.name.clone(),
         node: node.name.clone(),
         allocator,
         publisher: endpoints,
         state,
-        datapath: datapath.map(|d| DatapathHooks {
-            datapath: d.datapath(),
-            policy: d.policy.clone(),
-        }),
     };
-    let run = tokio::spawn(manager.run(objects));
+    let run = tokio::spawn(source.run(objects));
     Ok([AbortOnDrop(keep), AbortOnDrop(run)])
 }
 
@@ -217,7 +213,6 @@ pub async fn run(
             None
         }
     };
-    let mut guard_task = None;
     let encryption = if config.wireguard.enabled {
         let agent = EncryptionAgent::start(
             encryption_config(&config, &node_name)?,
@@ -229,9 +224,6 @@ pub async fn run(
             "starting WireGuard (set `wireguard: {enabled: false}` to run without encryption)",
         )?;
         tracing::info!(public_key = %agent.public_key(), "WireGuard encryption on");
-        if let Some(dp) = &datapath {
-            guard_task = dp.follow_encryption(agent.applied());
-        }
         Some(Arc::new(agent))
     } else {
         tracing::warn!(
@@ -258,7 +250,6 @@ pub async fn run(
                 &node,
                 max,
                 state.clone(),
-                datapath.as_deref(),
                 source.objects(),
             )
             .await?,
@@ -340,7 +331,6 @@ pub async fn run(
         r = api_server => r.context("API server task")?.context("API server")?,
         r = metrics_server => r.context("metrics task")?.context("metrics server")?,
     }
-    drop(guard_task);
     publisher.abort();
     sync_signal.abort();
     drop(mesh);

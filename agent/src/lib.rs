@@ -8,7 +8,6 @@ pub mod config;
 pub mod constants;
 pub mod daemon;
 pub mod datapath;
-pub mod endpoints;
 pub mod error;
 pub mod health;
 pub mod identity;

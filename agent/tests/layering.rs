@@ -21,10 +21,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("who is who", &["identity"]),
     ("formats and rules", &["wire", "policy"]),
     ("kvstore client, state model", &["kvstore", "state"]),
-    (
-        "sources",
-        &["k8s", "mesh", "publish", "health", "endpoints"],
-    ),
+    ("sources", &["k8s", "mesh", "publish", "health"]),
     ("route reconciler", &["routing"]),
     ("reconcilers", &["datapath", "wireguard"]),
     ("configuration", &["config"]),

@@ -1,6 +1,7 @@
 //! Loading strait's eBPF object and owning what it puts in the kernel.
 
 pub mod counter;
+mod endpoints;
 pub mod flows;
 pub mod guard;
 pub mod ipcache;

@@ -1,5 +1,6 @@
 //! The agent side of the datapath: loads and attaches it, then keeps its maps equal to the
-//! state model (services → lb4 maps, endpoints → ipcache), reads flow events and exports
+//! state model (services → lb4 maps, endpoints → ipcache, local endpoints → policy programs
+//! and maps, strict encryption's routes → encryption guard), reads flow events and exports
 //! drop counters. It is the only writer of those maps.
 
 use std::{
@@ -13,7 +14,7 @@ use strait_common::{flow::CONFIG_FLAG_TRACE_ALLOWED, names};
 use tokio::sync::watch;
 
 use super::{
-    Datapath, DatapathError, DatapathSection, PinDir,
+    Datapath, DatapathError, DatapathSection, PinDir, endpoints,
     flows::{self, FlowHub, IdentityLookup},
     guard::GuardWriter,
     ipcache::{self, IpcacheSyncReport, IpcacheWriter},
@@ -32,6 +33,8 @@ const CT_TCP_IDLE: Duration = Duration::from_secs(6 * 3600);
 const CT_OTHER_IDLE: Duration = Duration::from_secs(60);
 const CT_GC_INTERVAL: Duration = Duration::from_secs(30);
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(5);
+/// How soon encryption guard entries that could not be written are tried again.
+const GUARD_RETRY: Duration = Duration::from_secs(5);
 
 /// The cgroup v2 mount point, from /proc/mounts (never assumed: hybrid hosts mount it under
 /// `/sys/fs/cgroup/unified`, Talos at `/sys/fs/cgroup`).
@@ -61,10 +64,6 @@ pub struct DatapathStatus {
 pub struct DatapathAgent {
     status: Arc<Mutex<DatapathStatus>>,
     flows: FlowHub,
-    /// Shared with the local endpoint manager (pods on this node).
-    pub policy: Arc<Mutex<PolicyWriter>>,
-    datapath: Arc<Mutex<Datapath>>,
-    guard: Mutex<Option<GuardWriter>>,
     _tasks: Vec<AbortOnDrop>,
 }
 
@@ -121,6 +120,16 @@ impl DatapathAgent {
         }));
         let flows = FlowHub::new(4096);
         let mut tasks = Vec::new();
+        tasks.push(AbortOnDrop(tokio::spawn(endpoints::reconcile(
+            state.clone(),
+            dp,
+            policy,
+            status.clone(),
+        ))));
+        tasks.push(AbortOnDrop(tokio::spawn(follow_guard(
+            state.clone(),
+            guard,
+        ))));
         tasks.push(AbortOnDrop(tokio::spawn(reconcile(
             state,
             synced,
@@ -141,61 +150,41 @@ impl DatapathAgent {
         Ok(Self {
             status,
             flows,
-            policy: Arc::new(Mutex::new(policy)),
-            datapath: Arc::new(Mutex::new(dp)),
-            guard: Mutex::new(Some(guard)),
             _tasks: tasks,
         })
     }
 
     pub fn status(&self) -> DatapathStatus {
-        let mut s = self
-            .status
+        self.status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        s.endpoints = self
-            .policy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .endpoints()
-            .count();
-        s
+            .clone()
     }
 
     pub fn flows(&self) -> FlowHub {
         self.flows.clone()
     }
+}
 
-    /// Mirrors strict encryption's routing decisions into the guard map, so flows the routes
-    /// drop (no WireGuard peer) show as drops with a reason. Call once, with the encryption
-    /// agent's pass results.
-    pub fn follow_encryption(
-        &self,
-        mut applied: watch::Receiver<crate::wireguard::Applied>,
-    ) -> Option<AbortOnDrop> {
-        let mut guard = self
-            .guard
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()?;
-        Some(AbortOnDrop(tokio::spawn(async move {
-            loop {
-                let routes = applied.borrow_and_update().guard.clone();
-                let failed = guard.sync(&routes);
-                if failed > 0 {
-                    tracing::warn!(failed, "encryption guard entries not written");
-                }
-                if applied.changed().await.is_err() {
-                    return;
-                }
+/// Mirrors strict encryption's routing decisions into the guard map, so flows the routes
+/// drop (no WireGuard peer) show as drops with a reason. Untouched while nothing routes for
+/// encryption (it may be off).
+async fn follow_guard(state: StateHandle, mut guard: GuardWriter) {
+    let mut versions = state.subscribe();
+    loop {
+        let seen = versions.borrow_and_update().encryption_routes;
+        let routes = state.read().encryption_routes().map(<[_]>::to_vec);
+        let mut failed = 0;
+        if let Some(routes) = routes {
+            failed = guard.sync(&routes);
+            if failed > 0 {
+                tracing::warn!(failed, "encryption guard entries not written");
             }
-        })))
-    }
-
-    /// The loaded datapath (to attach policy programs to pods' interfaces).
-    pub fn datapath(&self) -> Arc<Mutex<Datapath>> {
-        self.datapath.clone()
+        }
+        tokio::select! {
+            r = versions.wait_for(|v| v.encryption_routes != seen) => if r.is_err() { return },
+            _ = tokio::time::sleep(GUARD_RETRY), if failed > 0 => {}
+        }
     }
 }
 

@@ -15,7 +15,7 @@ pub mod section;
 pub use counter::{CounterRow, CounterSnapshot, PacketCounterProgram};
 pub use loader::{Datapath, MapSizes};
 pub use pins::PinDir;
-pub use reconciler::{DatapathAgent, DatapathStatus};
+pub use reconciler::DatapathAgent;
 pub use section::DatapathSection;
 
 /// The eBPF object, built from `agent-ebpf/` by build.rs and embedded with 8-byte alignment
@@ -120,4 +120,18 @@ pub fn load_object() -> Result<aya::Ebpf, DatapathError> {
         return Err(DatapathError::NoObject);
     }
     Ok(aya::EbpfLoader::new().load(EBPF_OBJECT)?)
+}
+
+/// What `strait status` shows about the datapath.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathStatus {
+    pub pin_dir: String,
+    pub cgroup: String,
+    pub services: usize,
+    pub backends: usize,
+    pub ipcache_entries: usize,
+    pub endpoints: usize,
+    /// Frontends or prefixes that could not be programmed, with why.
+    pub errors: Vec<String>,
 }

@@ -14,7 +14,7 @@ use strait_common::{flow::CONFIG_FLAG_TRACE_ALLOWED, names};
 use tokio::sync::watch;
 
 use super::{
-    Datapath, DatapathError, DatapathSection, PinDir, endpoints,
+    Datapath, DatapathError, DatapathSection, DatapathStatus, PinDir, endpoints,
     flows::{self, FlowHub, IdentityLookup},
     guard::GuardWriter,
     ipcache::{self, IpcacheSyncReport, IpcacheWriter},
@@ -45,20 +45,6 @@ pub fn cgroup2_root() -> Option<PathBuf> {
         let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
         (fstype == "cgroup2").then(|| PathBuf::from(path))
     })
-}
-
-/// What `strait status` shows about the datapath.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DatapathStatus {
-    pub pin_dir: String,
-    pub cgroup: String,
-    pub services: usize,
-    pub backends: usize,
-    pub ipcache_entries: usize,
-    pub endpoints: usize,
-    /// Frontends or prefixes that could not be programmed, with why.
-    pub errors: Vec<String>,
 }
 
 pub struct DatapathAgent {

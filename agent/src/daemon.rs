@@ -14,6 +14,7 @@ use crate::{
     mesh::{
         manager::{ClusterMesh, LocalClusterWatch},
         remote::{LocalCluster, RemoteTiming},
+        sync::SyncFlags,
     },
     metrics::Metrics,
     publish::{
@@ -160,6 +161,90 @@ async fn start_endpoints(
     Ok([AbortOnDrop(keep), AbortOnDrop(run)])
 }
 
+/// The eBPF datapath, when the config has a `datapath:` section.
+fn start_datapath(
+    config: &AgentConfig,
+    state: &StateHandle,
+    synced: &tokio::sync::watch::Receiver<bool>,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<Arc<DatapathAgent>>> {
+    let Some(section) = &config.datapath else {
+        tracing::warn!("no `datapath:` section in the config: the eBPF datapath is not loaded");
+        return Ok(None);
+    };
+    let agent = DatapathAgent::start(
+        section,
+        state.clone(),
+        synced.clone(),
+        metrics.clone(),
+        identity_lookup(state),
+    )
+    .context("starting the eBPF datapath (remove the `datapath:` section to run without it)")?;
+    Ok(Some(Arc::new(agent)))
+}
+
+/// WireGuard between nodes, unless the config turns it off.
+async fn start_encryption(
+    config: &AgentConfig,
+    node_name: &str,
+    state: &StateHandle,
+    synced: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<Arc<EncryptionAgent>>> {
+    if !config.wireguard.enabled {
+        tracing::warn!(
+            "WireGuard encryption is disabled: pod traffic between nodes is not encrypted"
+        );
+        return Ok(None);
+    }
+    let agent =
+        EncryptionAgent::start(encryption_config(config, node_name)?, state.clone(), synced)
+            .await
+            .context(
+                "starting WireGuard (set `wireguard: {enabled: false}` to run without encryption)",
+            )?;
+    tracing::info!(public_key = %agent.public_key(), "WireGuard encryption on");
+    Ok(Some(Arc::new(agent)))
+}
+
+/// Remote clusters configured at start (files whose config parses). Peers nobody claims are
+/// garbage-collected only once every source has listed: our own cluster and these.
+fn expected_remotes(config: &AgentConfig) -> Vec<String> {
+    ClustermeshConfigDir::new(&config.clustermesh_config_dir, config.cluster.name.clone())
+        .scan()
+        .map(|files| {
+            files
+                .into_iter()
+                .filter(|(_, f)| f.config.is_ok())
+                .map(|(name, _)| name)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sends `true` once our own cluster and every expected remote have listed nodes and
+/// endpoints: from then on the reconcilers may delete what no source claims.
+async fn signal_initial_sync(
+    expected: Vec<String>,
+    mesh: Arc<ClusterMesh>,
+    local_synced: Arc<SyncFlags>,
+    synced_tx: tokio::sync::watch::Sender<bool>,
+) {
+    loop {
+        let statuses = mesh.statuses();
+        let remotes_synced = expected.iter().all(|name| {
+            statuses
+                .iter()
+                .any(|s| &s.name == name && s.synced.nodes && s.synced.endpoints)
+        });
+        if local_synced.all() && remotes_synced {
+            tracing::info!("initial sync of every cluster complete");
+            let _ = synced_tx.send(true);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs the agent until `stop` completes.
 pub async fn run(
     config: AgentConfig,
@@ -195,42 +280,8 @@ pub async fn run(
         metrics.clone(),
     );
     let (synced_tx, synced_rx) = tokio::sync::watch::channel(false);
-    let datapath = match &config.datapath {
-        Some(section) => Some(Arc::new(
-            DatapathAgent::start(
-                section,
-                state.clone(),
-                synced_rx.clone(),
-                metrics.clone(),
-                identity_lookup(&state),
-            )
-            .context(
-                "starting the eBPF datapath (remove the `datapath:` section to run without it)",
-            )?,
-        )),
-        None => {
-            tracing::warn!("no `datapath:` section in the config: the eBPF datapath is not loaded");
-            None
-        }
-    };
-    let encryption = if config.wireguard.enabled {
-        let agent = EncryptionAgent::start(
-            encryption_config(&config, &node_name)?,
-            state.clone(),
-            synced_rx,
-        )
-        .await
-        .context(
-            "starting WireGuard (set `wireguard: {enabled: false}` to run without encryption)",
-        )?;
-        tracing::info!(public_key = %agent.public_key(), "WireGuard encryption on");
-        Some(Arc::new(agent))
-    } else {
-        tracing::warn!(
-            "WireGuard encryption is disabled: pod traffic between nodes is not encrypted"
-        );
-        None
-    };
+    let datapath = start_datapath(&config, &state, &synced_rx, &metrics)?;
+    let encryption = start_encryption(&config, &node_name, &state, synced_rx).await?;
     let node = LocalNode {
         cluster: config.cluster.name.clone(),
         cluster_id: config.cluster.id,
@@ -274,38 +325,12 @@ pub async fn run(
         RemoteTiming::default(),
     ));
 
-    // Peers nobody claims are garbage-collected only once every source has listed: our own
-    // cluster and every remote configured at start.
-    let expected: Vec<String> =
-        ClustermeshConfigDir::new(&config.clustermesh_config_dir, config.cluster.name.clone())
-            .scan()
-            .map(|files| {
-                files
-                    .into_iter()
-                    .filter(|(_, f)| f.config.is_ok())
-                    .map(|(name, _)| name)
-                    .collect()
-            })
-            .unwrap_or_default();
-    let sync_signal = tokio::spawn({
-        let (mesh, local_synced) = (mesh.clone(), local_watch.synced.clone());
-        async move {
-            loop {
-                let statuses = mesh.statuses();
-                let remotes_synced = expected.iter().all(|name| {
-                    statuses
-                        .iter()
-                        .any(|s| &s.name == name && s.synced.nodes && s.synced.endpoints)
-                });
-                if local_synced.all() && remotes_synced {
-                    tracing::info!("initial sync of every cluster complete");
-                    let _ = synced_tx.send(true);
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    });
+    let sync_signal = tokio::spawn(signal_initial_sync(
+        expected_remotes(&config),
+        mesh.clone(),
+        local_watch.synced.clone(),
+        synced_tx,
+    ));
 
     let status = StatusSources {
         cluster: config.cluster.name.clone(),

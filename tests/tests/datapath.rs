@@ -676,6 +676,49 @@ fn pods_policy_observe_and_restart_from_pins() {
     drop(dp2);
 }
 
+/// The endpoint manager finds a pod's host-side interface from the node's route to the pod's
+/// /32 (rtnetlink, the calling thread's namespace): a wider route through the same veth, or
+/// the same address seen from another namespace, is no answer.
+#[test]
+fn host_route_ifindex_finds_the_pods_host_side_veth() {
+    use strait::routing::host_route_ifindex;
+    use strait_tests::datapath::PodNode;
+
+    require_privileges();
+    let pod_ip: Ipv4Addr = "10.9.1.5".parse().unwrap();
+    let node = PodNode::new(&[pod_ip]);
+    let iface = node.pods[0].host_iface.clone();
+    strait_tests::ip(&[
+        "-n",
+        node.node.name(),
+        "route",
+        "add",
+        "10.9.2.0/24",
+        "dev",
+        &iface,
+    ]);
+    let lookup = |ip: &str| {
+        let ip: Ipv4Addr = ip.parse().unwrap();
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(host_route_ifindex(ip)).unwrap()
+        }
+    };
+    let want = node
+        .node
+        .run(move || strait::datapath::loader::ifindex(&iface).unwrap());
+    assert_eq!(node.node.run(lookup("10.9.1.5")), Some(want));
+    assert_eq!(node.node.run(lookup("10.9.2.5")), None, "a /24 is no /32");
+    assert_eq!(
+        node.pods[0].ns.run(lookup("10.9.1.5")),
+        None,
+        "the pod's own namespace routes it as a local address, not through a veth"
+    );
+}
+
 /// Strict encryption, made visible: a new flow from a pod to a remote pod CIDR that has no
 /// WireGuard peer is dropped with its own reason and event; a CIDR with a peer passes.
 #[test]

@@ -10,7 +10,11 @@
 //! configured supernets), so a missing peer never sends pod traffic in clear via the default
 //! route. The drop is silent for flow visibility today: flow events for these drops come
 //! later, with the eBPF datapath.
+//!
+//! [`host_route_ifindex`] reads the node's route to a local pod (the endpoint manager finds
+//! pods' host-side interfaces with it).
 
+pub mod host;
 pub mod netns;
 pub mod plan;
 
@@ -30,6 +34,7 @@ use netlink_packet_route::{
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use serde::Serialize;
 
+pub use host::host_route_ifindex;
 pub use netns::TargetNetns;
 pub use plan::{DesiredRoute, RouteInputs, RoutePlan, RouteTarget, plan_routes};
 

@@ -87,17 +87,6 @@ fn local_pods(objects: &Objects, node: &str, cluster: &str) -> Vec<LocalPod> {
         .collect()
 }
 
-/// Host-side interface the node routes `ip/32` to, from /proc/net/route (this process's
-/// network namespace).
-pub fn host_interface(ip: Ipv4Addr) -> Option<String> {
-    let table = std::fs::read_to_string("/proc/net/route").ok()?;
-    let want = format!("{:08X}", u32::from_ne_bytes(ip.octets()));
-    table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() > 7 && f[1] == want && f[7] == "FFFFFFFF").then(|| f[0].to_owned())
-    })
-}
-
 struct Tracked {
     pod: LocalPod,
     identity: u32,
@@ -119,7 +108,8 @@ impl EndpointManager {
         loop {
             let current = objects.borrow_and_update().clone();
             self.sync_pods(&current, &mut tracked).await;
-            self.sync_datapath(&current, &mut tracked, &mut reported, changed);
+            self.sync_datapath(&current, &mut tracked, &mut reported, changed)
+                .await;
             changed = tokio::select! {
                 r = objects.changed() => if r.is_err() { return } else { true },
                 r = versions.changed() => if r.is_err() { return } else { true },
@@ -203,7 +193,7 @@ impl EndpointManager {
         }
     }
 
-    fn sync_datapath(
+    async fn sync_datapath(
         &self,
         objects: &Objects,
         tracked: &mut BTreeMap<(String, String), Tracked>,
@@ -228,21 +218,28 @@ impl EndpointManager {
             let ifindex = match t.ifindex {
                 Some(i) => i,
                 None => {
-                    let Some(iface) = host_interface(t.pod.ip) else {
-                        continue; // no route to the pod yet
+                    let i = match crate::routing::host_route_ifindex(t.pod.ip).await {
+                        Ok(Some(i)) => i,
+                        Ok(None) => continue, // no route to the pod yet
+                        Err(e) => {
+                            if reported.insert(format!("route to {ns}/{name}: {e}")) {
+                                tracing::error!(pod = %format!("{ns}/{name}"), error = %e, "cannot read the route to the pod");
+                            }
+                            continue;
+                        }
                     };
                     let mut dp = hooks.datapath.lock().unwrap_or_else(|p| p.into_inner());
-                    let attached = crate::datapath::loader::ifindex(&iface)
-                        .and_then(|i| dp.attach_endpoint(&iface).map(|()| i));
+                    let attached = crate::datapath::loader::ifname(i)
+                        .and_then(|iface| dp.attach_endpoint(&iface).map(|()| iface));
                     match attached {
-                        Ok(i) => {
+                        Ok(iface) => {
                             tracing::info!(pod = %format!("{ns}/{name}"), iface, ifindex = i, "policy attached");
                             t.ifindex = Some(i);
                             i
                         }
                         Err(e) => {
                             if reported.insert(format!("attach {ns}/{name}: {e}")) {
-                                tracing::error!(pod = %format!("{ns}/{name}"), iface, error = %e, "cannot attach policy");
+                                tracing::error!(pod = %format!("{ns}/{name}"), ifindex = i, error = %e, "cannot attach policy");
                             }
                             continue;
                         }
@@ -320,11 +317,5 @@ spec: {nodeName: usa-1, containers: [{name: c, image: x}]}
             labels.contains("io.kubernetes.pod.namespace=shop"),
             "{labels}"
         );
-    }
-
-    #[test]
-    fn host_interface_reads_host_routes_only() {
-        // Loopback has no /32 route in the main table of any namespace we run in.
-        assert_eq!(host_interface(Ipv4Addr::new(198, 18, 255, 254)), None);
     }
 }

@@ -305,3 +305,19 @@ pub fn ifindex(iface: &str) -> Result<u32, DatapathError> {
         i => Ok(i),
     }
 }
+
+/// Name of the interface with index `ifindex` in the calling thread's network namespace.
+pub fn ifname(ifindex: u32) -> Result<String, DatapathError> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes the call may write, NUL included.
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return Err(DatapathError::Io {
+            what: "interface name of an ifindex",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
+}

@@ -507,7 +507,7 @@ fn pods_policy_observe_and_restart_from_pins() {
         PinDir,
         flows::{self, FlowHub},
     };
-    use strait_tests::datapath::{EchoServer, PodNode};
+    use strait_tests::datapath::{EchoServer, PinRoot, PodNode};
 
     require_privileges();
     let ips: Vec<Ipv4Addr> = ["10.9.0.5", "10.9.0.6", "10.9.0.7"]
@@ -517,16 +517,8 @@ fn pods_policy_observe_and_restart_from_pins() {
     let node = PodNode::new(&ips);
     let (front, other, db) = (&node.pods[0], &node.pods[1], &node.pods[2]);
     let _server = db.ns.run(|| EchoServer::start(sa("10.9.0.7:5432")));
-    let pin_root =
-        std::path::PathBuf::from("/sys/fs/bpf").join(strait_tests::unique_name("strait-test-"));
-    let pins = PinDir::new(&pin_root);
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(pin_root.clone());
+    let pin_root = PinRoot::new();
+    let pins = PinDir::new(pin_root.path());
 
     let mut policy = EndpointPolicy {
         ingress_enforced: true,
@@ -717,6 +709,78 @@ fn host_route_ifindex_finds_the_pods_host_side_veth() {
         None,
         "the pod's own namespace routes it as a local address, not through a veth"
     );
+}
+
+/// `strait bpf cleanup` removes every strait pin directory under its root, and refuses while
+/// an agent may use them: a process holds a pinned map (this test, as an agent would), or the
+/// agent API socket answers.
+#[test]
+fn bpf_cleanup_removes_the_pins_only_once_no_agent_runs() {
+    use std::{os::unix::net::UnixListener, process::Command};
+    use strait::datapath::PinDir;
+    use strait_tests::datapath::{PinRoot, strait_exe};
+
+    require_privileges();
+    let root = PinRoot::new();
+    let pins = PinDir::new(root.path());
+    let older = root.path().join("strait-v0");
+    std::fs::create_dir_all(older.join("maps")).unwrap();
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket = socket_dir.path().join("strait.sock");
+    let cleanup = |extra: &[&str]| {
+        let out = Command::new(strait_exe())
+            .args(["bpf", "cleanup", "--pin-root"])
+            .arg(root.path())
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .output()
+            .expect("running strait bpf cleanup");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let load = || Datapath::load(Some(pins.clone()), &MapSizes::default()).unwrap();
+
+    let dp = load();
+    let (ok, _, err) = cleanup(&[]);
+    assert!(!ok, "refused while the maps are held: {err}");
+    assert!(
+        err.contains(&format!("process {} (", std::process::id())) && err.contains("holds"),
+        "{err}"
+    );
+    assert!(pins.dir().exists());
+    drop(dp);
+
+    let listener = UnixListener::bind(&socket).unwrap();
+    let (ok, _, err) = cleanup(&[]);
+    assert!(!ok, "refused while the API socket answers: {err}");
+    assert!(err.contains("an agent answers on"), "{err}");
+    assert!(pins.dir().exists());
+    let (ok, out, err) = cleanup(&["--force"]);
+    assert!(ok, "--force skips the checks: {err}");
+    assert!(
+        out.contains(&format!("removed {} (", pins.dir().display())),
+        "{out}"
+    );
+    assert!(!pins.dir().exists());
+    assert!(!older.exists(), "every schema version goes: {out}");
+
+    // A stale socket file (the agent gone) does not answer.
+    drop(listener);
+    drop(load());
+    let (ok, out, err) = cleanup(&[]);
+    assert!(ok, "{err}");
+    let maps = names::PINNED_MAPS.len();
+    assert!(
+        out.contains(&format!(
+            "removed {} ({maps} maps, 0 links)",
+            pins.dir().display()
+        )),
+        "{out}"
+    );
+    assert!(!pins.dir().exists());
+    let (ok, out, _) = cleanup(&[]);
+    assert!(ok && out.contains("no strait pins under"), "{out}");
 }
 
 /// Strict encryption, made visible: a new flow from a pod to a remote pod CIDR that has no

@@ -41,10 +41,11 @@ pub enum Command {
     /// Show the datapath's flow events (drops with both identities and the reason), like
     /// `hubble observe`: the last --last flows, then new ones with --follow.
     Observe(observe::ObserveArgs),
-    /// Inspect the datapath's eBPF maps (read from their bpffs pins).
+    /// Inspect the datapath's eBPF maps (read from their bpffs pins), or remove the pins.
     ///
     /// `strait bpf lb list`, `strait bpf ipcache list`, `strait bpf policy list [ENDPOINT]`,
-    /// `strait bpf ct list`; add --json for scripts.
+    /// `strait bpf ct list`; add --json for scripts. `strait bpf cleanup` removes the pins
+    /// once no agent runs.
     Bpf(bpf::BpfArgs),
 }
 
@@ -92,7 +93,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Status(args) => status::run(args).await,
             Command::Kvstoremesh(args) => kvstoremesh::run(args).await,
             Command::Observe(args) => observe::run(args).await,
-            Command::Bpf(args) => bpf::run(args),
+            Command::Bpf(args) => bpf::run(args).await,
         }
     });
     match result {

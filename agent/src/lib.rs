@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod error;
 pub mod health;
+pub mod hostnet;
 pub mod identity;
 pub mod k8s;
 pub mod kvstore;

@@ -17,7 +17,7 @@ use syn::visit::Visit;
 /// other modules, never a higher one.
 const LAYERS: &[(&str, &[&str])] = &[
     ("constants", &["constants"]),
-    ("foundation", &["task", "metrics", "netns"]),
+    ("foundation", &["task", "metrics", "netns", "hostnet"]),
     ("who is who", &["identity"]),
     ("formats and rules", &["wire", "policy"]),
     ("kvstore client, state model", &["kvstore", "state"]),

@@ -16,8 +16,8 @@ use syn::visit::Visit;
 /// Lowest first. A module may import modules of lower layers only: never its own layer's
 /// other modules, never a higher one.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("constants", &["constants"]),
-    ("foundation", &["task", "metrics", "netns", "hostnet"]),
+    ("constants, task helpers", &["constants", "task"]),
+    ("foundation", &["metrics", "netns", "hostnet"]),
     ("who is who", &["identity"]),
     ("formats and rules", &["wire", "policy"]),
     ("kvstore client, state model", &["kvstore", "state"]),

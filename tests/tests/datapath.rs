@@ -891,3 +891,55 @@ fn a_full_service_map_is_reported_per_service_and_the_rest_is_programmed() {
         );
     }
 }
+
+/// A write that does not fit is counted with its map and operation, and retried: once room
+/// exists the next sync programs it.
+#[test]
+fn a_failed_ipcache_write_is_counted_and_retried() {
+    require_privileges();
+    let sizes = MapSizes {
+        ipcache: 2,
+        ..Default::default()
+    };
+    let mut dp = Datapath::load(None, &sizes).expect("loading the datapath");
+    let metrics = strait::metrics::Metrics::new();
+    let mut writer = IpcacheWriter::new(dp.take_map(names::MAP_IPCACHE).unwrap(), sizes.ipcache)
+        .unwrap()
+        .with_metrics(&metrics);
+    let desired = |prefixes: &[&str]| -> BTreeMap<Ipv4Net, IpcacheValue> {
+        prefixes
+            .iter()
+            .map(|p| (p.parse().unwrap(), ipc(1000, 1)))
+            .collect()
+    };
+    let errors = |metrics: &strait::metrics::Metrics| {
+        let text = metrics.render();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"strait_datapath_map_errors_total{map="IPCACHE4",op="update"} "#)
+            })
+            .unwrap_or_else(|| panic!("{text}"))
+            .to_owned()
+    };
+    let report = writer.sync(
+        &desired(&["10.1.0.1/32", "10.1.0.2/32", "10.1.0.3/32"]),
+        true,
+    );
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert!(
+        report.failed[0].1.contains("IPCACHE4 is full"),
+        "{report:?}"
+    );
+    assert!(writer.pending());
+    assert_eq!(errors(&metrics), "1");
+    // One prefix leaves. Writes go before deletes, so the map is still full for this sync's
+    // write (counted again); the delete makes room, and the next sync writes it.
+    let want = desired(&["10.1.0.2/32", "10.1.0.3/32"]);
+    let report = writer.sync(&want, true);
+    assert_eq!((report.failed.len(), report.deletes), (1, 1), "{report:?}");
+    assert_eq!(errors(&metrics), "2");
+    let report = writer.sync(&want, true);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!((report.entries, report.writes), (2, 1));
+    assert!(!writer.pending());
+}

@@ -96,6 +96,10 @@ pub(super) async fn reconcile(
                 }
             }
         }
+        // Deletes of removed pods' entries that failed are retried here (writes are retried
+        // through `set_endpoint` above, since `programmed` stays behind).
+        policy.retry_deletes();
+        pending |= policy.pending();
         status.lock().unwrap_or_else(|p| p.into_inner()).endpoints = policy.endpoints().count();
         tokio::select! {
             r = versions.wait_for(|v| v.local_endpoints != seen) => if r.is_err() { return },

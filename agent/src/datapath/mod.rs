@@ -7,6 +7,7 @@ pub mod guard;
 pub mod ipcache;
 pub mod lb;
 pub mod loader;
+pub mod mirror;
 pub mod pins;
 pub mod policy;
 pub mod reconciler;
@@ -79,10 +80,11 @@ pub enum DatapathError {
 }
 
 impl DatapathError {
-    /// Wraps a map error, recognising a full map (E2BIG from the kernel).
+    /// Wraps a map error, recognising a full map (E2BIG from the kernel's hash maps, ENOSPC
+    /// from its LPM tries).
     pub fn map(name: &'static str, max: u32, source: aya::maps::MapError) -> Self {
         if let aya::maps::MapError::SyscallError(e) = &source
-            && e.io_error.raw_os_error() == Some(libc::E2BIG)
+            && matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
         {
             return Self::MapFull { map: name, max };
         }

@@ -33,8 +33,8 @@ const CT_TCP_IDLE: Duration = Duration::from_secs(6 * 3600);
 const CT_OTHER_IDLE: Duration = Duration::from_secs(60);
 const CT_GC_INTERVAL: Duration = Duration::from_secs(30);
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(5);
-/// How soon encryption guard entries that could not be written are tried again.
-const GUARD_RETRY: Duration = Duration::from_secs(5);
+/// How soon map writes and deletes that failed are tried again.
+const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The cgroup v2 mount point, from /proc/mounts (never assumed: hybrid hosts mount it under
 /// `/sys/fs/cgroup/unified`, Talos at `/sys/fs/cgroup`).
@@ -82,18 +82,22 @@ impl DatapathAgent {
             dp.take_map(names::MAP_LB4_BACKENDS)?,
             dp.take_map(names::MAP_LB4_REVNAT)?,
             sizes,
-        )?;
-        let ipc = IpcacheWriter::new(dp.take_map(names::MAP_IPCACHE)?, sizes.ipcache)?;
+        )?
+        .with_metrics(&metrics);
+        let ipc = IpcacheWriter::new(dp.take_map(names::MAP_IPCACHE)?, sizes.ipcache)?
+            .with_metrics(&metrics);
         let policy = PolicyWriter::new(
             dp.take_map(names::MAP_ENDPOINTS)?,
             dp.take_map(names::MAP_POLICY)?,
             sizes.endpoints,
             sizes.policy,
-        )?;
+        )?
+        .with_metrics(&metrics);
         let ct = CtGc::new(dp.take_map(names::MAP_CT)?)?;
         let ring = dp.take_map(names::MAP_FLOW_EVENTS)?;
         let drops = dp.take_map(names::MAP_DROP_COUNTERS)?;
-        let guard = GuardWriter::new(dp.take_map(names::MAP_ENCRYPT_GUARD)?)?;
+        let guard =
+            GuardWriter::new(dp.take_map(names::MAP_ENCRYPT_GUARD)?)?.with_metrics(&metrics);
 
         dp.attach_socket_lb(&cgroup)?;
         dp.remove_stale_versions();
@@ -154,22 +158,19 @@ impl DatapathAgent {
 
 /// Mirrors strict encryption's routing decisions into the guard map, so flows the routes
 /// drop (no WireGuard peer) show as drops with a reason. Untouched while nothing routes for
-/// encryption (it may be off).
+/// encryption (it may be off). Failed writes and deletes are retried until they succeed.
 async fn follow_guard(state: StateHandle, mut guard: GuardWriter) {
     let mut versions = state.subscribe();
     loop {
         let seen = versions.borrow_and_update().encryption_routes;
         let routes = state.read().encryption_routes().map(<[_]>::to_vec);
-        let mut failed = 0;
         if let Some(routes) = routes {
-            failed = guard.sync(&routes);
-            if failed > 0 {
-                tracing::warn!(failed, "encryption guard entries not written");
-            }
+            // Failures are logged (once per entry) and counted by the map mirror.
+            guard.sync(&routes);
         }
         tokio::select! {
             r = versions.wait_for(|v| v.encryption_routes != seen) => if r.is_err() { return },
-            _ = tokio::time::sleep(GUARD_RETRY), if failed > 0 => {}
+            _ = tokio::time::sleep(RETRY_INTERVAL), if guard.pending() => {}
         }
     }
 }
@@ -186,6 +187,7 @@ async fn reconcile(
     let mut reported: HashSet<String> = HashSet::new();
     let mut last = None;
     let mut last_synced = false;
+    let mut retry = false;
     // The latest report of each writer (kept for status when only the other one ran).
     let (mut lr, mut ir) = (LbSyncReport::default(), IpcacheSyncReport::default());
     loop {
@@ -196,10 +198,15 @@ async fn reconcile(
         let first = last.is_none();
         let synced_now = is_synced != last_synced;
         // (Refusals and datapath-down bump the services and endpoints versions themselves.)
-        let lb_due =
-            first || synced_now || last.is_some_and(|l: Versions| l.services != v.services);
-        let ipc_due =
-            first || synced_now || last.is_some_and(|l: Versions| l.endpoints != v.endpoints);
+        // A retry tick re-runs only the writer that has failures to retry.
+        let lb_due = first
+            || synced_now
+            || last.is_some_and(|l: Versions| l.services != v.services)
+            || (retry && lb.pending());
+        let ipc_due = first
+            || synced_now
+            || last.is_some_and(|l: Versions| l.endpoints != v.endpoints)
+            || (retry && ipc.pending());
         if lb_due || ipc_due {
             let started = std::time::Instant::now();
             if lb_due {
@@ -222,27 +229,12 @@ async fn reconcile(
                 let line = format!("service {}:{}/{}: {e}", f.address, f.port, f.proto);
                 if reported.insert(line.clone()) {
                     tracing::error!("{line}");
-                    metrics
-                        .datapath_map_errors
-                        .get_or_create(&MapLabels {
-                            map: names::MAP_LB4_SERVICES.into(),
-                        })
-                        .inc();
                 }
                 errors.push(line);
             }
+            // (The ipcache mirror logs its failures itself, per prefix.)
             for (p, e) in &ir.failed {
-                let line = format!("ipcache {p}: {e}");
-                if reported.insert(line.clone()) {
-                    tracing::error!("{line}");
-                    metrics
-                        .datapath_map_errors
-                        .get_or_create(&MapLabels {
-                            map: names::MAP_IPCACHE.into(),
-                        })
-                        .inc();
-                }
-                errors.push(line);
+                errors.push(format!("ipcache {p}: {e}"));
             }
             for (map, n) in [
                 (names::MAP_LB4_SERVICES, lr.services),
@@ -262,9 +254,11 @@ async fn reconcile(
             last = Some(v);
             last_synced = is_synced;
         }
+        retry = false;
         tokio::select! {
             r = versions.changed() => if r.is_err() { return },
             r = synced.changed(), if !last_synced => if r.is_err() { return },
+            _ = tokio::time::sleep(RETRY_INTERVAL), if lb.pending() || ipc.pending() => retry = true,
         }
     }
 }

@@ -23,6 +23,8 @@ pub mod routing;
 pub mod state;
 pub mod status;
 pub mod task;
+#[cfg(test)]
+mod testlog;
 pub mod wire;
 pub mod wireguard;
 

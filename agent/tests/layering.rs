@@ -16,7 +16,10 @@ use syn::visit::Visit;
 /// Lowest first. A module may import modules of lower layers only: never its own layer's
 /// other modules, never a higher one.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("constants, task helpers", &["constants", "task"]),
+    (
+        "constants, task and test helpers",
+        &["constants", "task", "testlog"],
+    ),
     ("foundation", &["metrics", "netns", "hostnet"]),
     ("who is who", &["identity"]),
     ("formats and rules", &["wire", "policy"]),

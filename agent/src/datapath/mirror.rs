@@ -534,30 +534,12 @@ mod tests {
         assert!(!m.pending(), "nothing to retry once nobody wants it");
     }
 
-    /// Collects formatted log lines.
-    #[derive(Clone, Default)]
-    struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Logs {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_failing_key_is_logged_once_per_streak_with_its_reason() {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
+        let logs = crate::testlog::Logs::default();
+        let subscriber = logs.subscriber();
         let lines = || {
-            String::from_utf8_lossy(&logs.0.lock().unwrap())
+            logs.text()
                 .lines()
                 .filter(|l| l.contains("map operation failed"))
                 .map(str::to_owned)

@@ -9,20 +9,21 @@ use crate::{
     api,
     config::AgentConfig,
     datapath::{DatapathAgent, flows::IdentityLookup},
-    endpoints::{DatapathHooks, EndpointManager},
     identity::{IdentityRange, MaxConnectedClusters},
     kvstore::{ClustermeshConfigDir, EtcdClient, EtcdConfig},
     mesh::{
         manager::{ClusterMesh, LocalClusterWatch},
         remote::{LocalCluster, RemoteTiming},
+        sync::SyncFlags,
     },
     metrics::Metrics,
     publish::{
         allocator::IdentityAllocator,
+        endpoints::EndpointSource,
         publisher::{self, EndpointPublisher, LocalNode},
     },
     state::StateHandle,
-    status::{AgentStatus, ClusterMeshStatus, LocalStatus},
+    status::StatusSources,
     task::AbortOnDrop,
     wireguard::{BackendChoice, EncryptionAgent, EncryptionConfig},
 };
@@ -116,15 +117,15 @@ async fn start_health(
     tasks
 }
 
-/// Starts the local endpoint manager: this node's pods get identities, published ipcache
-/// entries and, with the datapath, their policy. Runs until the returned tasks are dropped.
+/// Starts the local endpoint source: this node's pods get identities, published ipcache
+/// entries and their local endpoints (with policy) in the state model. Runs until the
+/// returned tasks are dropped.
 async fn start_endpoints(
     config: &AgentConfig,
     client: &EtcdClient,
     node: &LocalNode,
     max: MaxConnectedClusters,
     state: StateHandle,
-    datapath: Option<&DatapathAgent>,
     objects: tokio::sync::watch::Receiver<crate::k8s::Objects>,
 ) -> anyhow::Result<[AbortOnDrop; 2]> {
     let allocator = IdentityAllocator::new(
@@ -149,19 +150,99 @@ async fn start_endpoints(
         let endpoints = endpoints.clone();
         async move { endpoints.keep_published().await }
     });
-    let manager = EndpointManager {
+    let source = EndpointSource {
         cluster: config.cluster.name.clone(),
         node: node.name.clone(),
         allocator,
         publisher: endpoints,
         state,
-        datapath: datapath.map(|d| DatapathHooks {
-            datapath: d.datapath(),
-            policy: d.policy.clone(),
-        }),
     };
-    let run = tokio::spawn(manager.run(objects));
+    let run = tokio::spawn(source.run(objects));
     Ok([AbortOnDrop(keep), AbortOnDrop(run)])
+}
+
+/// The eBPF datapath, when the config has a `datapath:` section.
+fn start_datapath(
+    config: &AgentConfig,
+    state: &StateHandle,
+    synced: &tokio::sync::watch::Receiver<bool>,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<Arc<DatapathAgent>>> {
+    let Some(section) = &config.datapath else {
+        tracing::warn!("no `datapath:` section in the config: the eBPF datapath is not loaded");
+        return Ok(None);
+    };
+    let agent = DatapathAgent::start(
+        section,
+        state.clone(),
+        synced.clone(),
+        metrics.clone(),
+        identity_lookup(state),
+    )
+    .context("starting the eBPF datapath (remove the `datapath:` section to run without it)")?;
+    Ok(Some(Arc::new(agent)))
+}
+
+/// WireGuard between nodes, unless the config turns it off.
+async fn start_encryption(
+    config: &AgentConfig,
+    node_name: &str,
+    state: &StateHandle,
+    synced: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<Arc<EncryptionAgent>>> {
+    if !config.wireguard.enabled {
+        tracing::warn!(
+            "WireGuard encryption is disabled: pod traffic between nodes is not encrypted"
+        );
+        return Ok(None);
+    }
+    let agent =
+        EncryptionAgent::start(encryption_config(config, node_name)?, state.clone(), synced)
+            .await
+            .context(
+                "starting WireGuard (set `wireguard: {enabled: false}` to run without encryption)",
+            )?;
+    tracing::info!(public_key = %agent.public_key(), "WireGuard encryption on");
+    Ok(Some(Arc::new(agent)))
+}
+
+/// Remote clusters configured at start (files whose config parses). Peers nobody claims are
+/// garbage-collected only once every source has listed: our own cluster and these.
+fn expected_remotes(config: &AgentConfig) -> Vec<String> {
+    ClustermeshConfigDir::new(&config.clustermesh_config_dir, config.cluster.name.clone())
+        .scan()
+        .map(|files| {
+            files
+                .into_iter()
+                .filter(|(_, f)| f.config.is_ok())
+                .map(|(name, _)| name)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sends `true` once our own cluster and every expected remote have listed nodes and
+/// endpoints: from then on the reconcilers may delete what no source claims.
+async fn signal_initial_sync(
+    expected: Vec<String>,
+    mesh: Arc<ClusterMesh>,
+    local_synced: Arc<SyncFlags>,
+    synced_tx: tokio::sync::watch::Sender<bool>,
+) {
+    loop {
+        let statuses = mesh.statuses();
+        let remotes_synced = expected.iter().all(|name| {
+            statuses
+                .iter()
+                .any(|s| &s.name == name && s.synced.nodes && s.synced.endpoints)
+        });
+        if local_synced.all() && remotes_synced {
+            tracing::info!("initial sync of every cluster complete");
+            let _ = synced_tx.send(true);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Runs the agent until `stop` completes.
@@ -199,46 +280,8 @@ pub async fn run(
         metrics.clone(),
     );
     let (synced_tx, synced_rx) = tokio::sync::watch::channel(false);
-    let datapath = match &config.datapath {
-        Some(section) => Some(Arc::new(
-            DatapathAgent::start(
-                section,
-                state.clone(),
-                synced_rx.clone(),
-                metrics.clone(),
-                identity_lookup(&state),
-            )
-            .context(
-                "starting the eBPF datapath (remove the `datapath:` section to run without it)",
-            )?,
-        )),
-        None => {
-            tracing::warn!("no `datapath:` section in the config: the eBPF datapath is not loaded");
-            None
-        }
-    };
-    let mut guard_task = None;
-    let encryption = if config.wireguard.enabled {
-        let agent = EncryptionAgent::start(
-            encryption_config(&config, &node_name)?,
-            state.clone(),
-            synced_rx,
-        )
-        .await
-        .context(
-            "starting WireGuard (set `wireguard: {enabled: false}` to run without encryption)",
-        )?;
-        tracing::info!(public_key = %agent.public_key(), "WireGuard encryption on");
-        if let Some(dp) = &datapath {
-            guard_task = dp.follow_encryption(agent.applied());
-        }
-        Some(Arc::new(agent))
-    } else {
-        tracing::warn!(
-            "WireGuard encryption is disabled: pod traffic between nodes is not encrypted"
-        );
-        None
-    };
+    let datapath = start_datapath(&config, &state, &synced_rx, &metrics)?;
+    let encryption = start_encryption(&config, &node_name, &state, synced_rx).await?;
     let node = LocalNode {
         cluster: config.cluster.name.clone(),
         cluster_id: config.cluster.id,
@@ -258,7 +301,6 @@ pub async fn run(
                 &node,
                 max,
                 state.clone(),
-                datapath.as_deref(),
                 source.objects(),
             )
             .await?,
@@ -283,86 +325,25 @@ pub async fn run(
         RemoteTiming::default(),
     ));
 
-    // Peers nobody claims are garbage-collected only once every source has listed: our own
-    // cluster and every remote configured at start.
-    let expected: Vec<String> =
-        ClustermeshConfigDir::new(&config.clustermesh_config_dir, config.cluster.name.clone())
-            .scan()
-            .map(|files| {
-                files
-                    .into_iter()
-                    .filter(|(_, f)| f.config.is_ok())
-                    .map(|(name, _)| name)
-                    .collect()
-            })
-            .unwrap_or_default();
-    let sync_signal = tokio::spawn({
-        let (mesh, local_synced) = (mesh.clone(), local_watch.synced.clone());
-        async move {
-            loop {
-                let statuses = mesh.statuses();
-                let remotes_synced = expected.iter().all(|name| {
-                    statuses
-                        .iter()
-                        .any(|s| &s.name == name && s.synced.nodes && s.synced.endpoints)
-                });
-                if local_synced.all() && remotes_synced {
-                    tracing::info!("initial sync of every cluster complete");
-                    let _ = synced_tx.send(true);
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    });
+    let sync_signal = tokio::spawn(signal_initial_sync(
+        expected_remotes(&config),
+        mesh.clone(),
+        local_watch.synced.clone(),
+        synced_tx,
+    ));
 
-    let status: api::StatusFn = {
-        let (state, mesh, synced, encryption, datapath) = (
-            state.clone(),
-            mesh.clone(),
-            local_watch.synced.clone(),
-            encryption.clone(),
-            datapath.clone(),
-        );
-        let (cluster, id, kvstore) = (
-            config.cluster.name.clone(),
-            config.cluster.id,
-            etcd.endpoints.join(","),
-        );
-        Arc::new(move || {
-            let encryption = encryption.as_ref().and_then(|e| e.status().ok());
-            // Before the read lock: both read the state model themselves, and a second read on
-            // this thread while a writer waits deadlocks the agent (std's RwLock).
-            let clusters = mesh.statuses();
-            let datapath = datapath.as_ref().map(|d| d.status());
-            let model = state.read();
-            let counts = model.counts(&cluster);
-            AgentStatus {
-                version: env!("CARGO_PKG_VERSION").into(),
-                cluster: LocalStatus {
-                    name: cluster.clone(),
-                    id,
-                    node: node_name.clone(),
-                    kvstore: kvstore.clone(),
-                    kvstore_synced: synced.all(),
-                    num_nodes: counts.nodes,
-                    num_endpoints: counts.endpoints,
-                    num_identities: counts.identities,
-                },
-                cluster_mesh: ClusterMeshStatus {
-                    clusters,
-                    num_global_services: model.service_views().iter().filter(|s| s.global).count(),
-                    datapath_down: model
-                        .clusters()
-                        .filter(|c| c.datapath_down)
-                        .map(|c| c.name.to_string())
-                        .collect(),
-                },
-                encryption,
-                datapath,
-            }
-        })
+    let status = StatusSources {
+        cluster: config.cluster.name.clone(),
+        cluster_id: config.cluster.id,
+        node: node_name,
+        kvstore: etcd.endpoints.join(","),
+        local_synced: local_watch.synced.clone(),
+        state: state.clone(),
+        mesh: mesh.clone(),
+        encryption: encryption.clone(),
+        datapath: datapath.clone(),
     };
+    let status: api::StatusFn = Arc::new(move || status.build());
     let api_server = tokio::spawn({
         let path = config.api_socket.clone();
         let flows = datapath.as_ref().map(|d| d.flows());
@@ -375,7 +356,6 @@ pub async fn run(
         r = api_server => r.context("API server task")?.context("API server")?,
         r = metrics_server => r.context("metrics task")?.context("metrics server")?,
     }
-    drop(guard_task);
     publisher.abort();
     sync_signal.abort();
     drop(mesh);

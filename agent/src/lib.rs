@@ -8,9 +8,9 @@ pub mod config;
 pub mod constants;
 pub mod daemon;
 pub mod datapath;
-pub mod endpoints;
 pub mod error;
 pub mod health;
+pub mod hostnet;
 pub mod identity;
 pub mod k8s;
 pub mod kvstore;
@@ -23,6 +23,8 @@ pub mod routing;
 pub mod state;
 pub mod status;
 pub mod task;
+#[cfg(test)]
+mod testlog;
 pub mod wire;
 pub mod wireguard;
 

@@ -59,6 +59,13 @@ pub struct MapLabels {
     pub map: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapOpLabels {
+    pub map: String,
+    /// update | delete
+    pub op: String,
+}
+
 /// Every metric strait exports. Cheap to clone (families are reference-counted).
 #[derive(Clone)]
 pub struct Metrics {
@@ -72,7 +79,7 @@ pub struct Metrics {
     pub remote_last_failure: Family<ClusterLabels, Gauge>,
     pub remote_datapath_up: Family<ClusterLabels, Gauge>,
     pub datapath_drops: Family<ReasonLabels, Gauge>,
-    pub datapath_map_errors: Family<MapLabels, Counter>,
+    pub datapath_map_errors: Family<MapOpLabels, Counter>,
     pub datapath_map_entries: Family<MapLabels, Gauge>,
 }
 
@@ -140,7 +147,8 @@ impl Metrics {
         );
         registry.register(
             "datapath_map_errors",
-            "datapath map updates that failed (a full map among them), by map",
+            "datapath map updates and deletes that failed (a full map among them), by map and \
+             operation; each failed attempt counts (failed entries are retried)",
             datapath_map_errors.clone(),
         );
         registry.register(

@@ -1,11 +1,69 @@
-//! The agent's status document (served by the API, printed by `strait status`), modelled on
-//! `cilium-dbg status`: the remote-cluster entries use Cilium's RemoteCluster JSON names.
+//! The agent's status document (built by [`StatusSources`] from the agent's parts, served by
+//! the API, printed by `strait status`), modelled on `cilium-dbg status`: the remote-cluster
+//! entries use Cilium's RemoteCluster JSON names.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{mesh::remote::RemoteClusterStatus, wireguard::DeviceStatus};
+use crate::{
+    datapath::DatapathAgent,
+    mesh::{manager::ClusterMesh, remote::RemoteClusterStatus, sync::SyncFlags},
+    state::StateHandle,
+    wireguard::{DeviceStatus, EncryptionAgent},
+};
+
+/// What the status document is read from: the agent's parts, as the daemon started them.
+pub struct StatusSources {
+    pub cluster: String,
+    pub cluster_id: u32,
+    pub node: String,
+    /// The local kvstore's endpoints, comma-separated.
+    pub kvstore: String,
+    /// Whether the local cluster's kvstore has been listed.
+    pub local_synced: Arc<SyncFlags>,
+    pub state: StateHandle,
+    pub mesh: Arc<ClusterMesh>,
+    pub encryption: Option<Arc<EncryptionAgent>>,
+    pub datapath: Option<Arc<DatapathAgent>>,
+}
+
+impl StatusSources {
+    /// The current document. May block: it reads the WireGuard device.
+    pub fn build(&self) -> AgentStatus {
+        let encryption = self.encryption.as_ref().and_then(|e| e.status().ok());
+        // Before the read lock: both read the state model themselves, and a second read on
+        // this thread while a writer waits deadlocks the agent (std's RwLock).
+        let clusters = self.mesh.statuses();
+        let datapath = self.datapath.as_ref().map(|d| d.status());
+        let model = self.state.read();
+        let counts = model.counts(&self.cluster);
+        AgentStatus {
+            version: env!("CARGO_PKG_VERSION").into(),
+            cluster: LocalStatus {
+                name: self.cluster.clone(),
+                id: self.cluster_id,
+                node: self.node.clone(),
+                kvstore: self.kvstore.clone(),
+                kvstore_synced: self.local_synced.all(),
+                num_nodes: counts.nodes,
+                num_endpoints: counts.endpoints,
+                num_identities: counts.identities,
+            },
+            cluster_mesh: ClusterMeshStatus {
+                clusters,
+                num_global_services: model.service_views().iter().filter(|s| s.global).count(),
+                datapath_down: model
+                    .clusters()
+                    .filter(|c| c.datapath_down)
+                    .map(|c| c.name.to_string())
+                    .collect(),
+            },
+            encryption,
+            datapath,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]

@@ -16,15 +16,16 @@ use syn::visit::Visit;
 /// Lowest first. A module may import modules of lower layers only: never its own layer's
 /// other modules, never a higher one.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("constants", &["constants"]),
-    ("foundation", &["task", "metrics", "netns"]),
+    (
+        "constants, task and test helpers",
+        &["constants", "task", "testlog"],
+    ),
+    ("foundation", &["metrics", "netns", "hostnet"]),
     ("who is who", &["identity"]),
     ("formats and rules", &["wire", "policy"]),
     ("kvstore client, state model", &["kvstore", "state"]),
-    (
-        "sources",
-        &["k8s", "mesh", "publish", "health", "endpoints"],
-    ),
+    ("local source", &["k8s"]),
+    ("mesh, publishing, health", &["mesh", "publish", "health"]),
     ("route reconciler", &["routing"]),
     ("reconcilers", &["datapath", "wireguard"]),
     ("configuration", &["config"]),

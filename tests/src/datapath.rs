@@ -1,11 +1,12 @@
 //! Helpers for the datapath tests and benchmark: a client namespace whose processes live in a
 //! test cgroup (the socket load balancer is attached there), a server namespace answering on
-//! any number of backend addresses, and crafted frames for `BPF_PROG_TEST_RUN`.
+//! any number of backend addresses, crafted frames for `BPF_PROG_TEST_RUN`, and a throwaway
+//! bpffs pin root.
 
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     sync::{
         Arc,
@@ -136,14 +137,54 @@ impl Drop for BackendServer {
 
 /// The `sockprobe` binary of this package: next to the running binary (a bench) or one
 /// directory up (a test in `deps/`). Cargo builds it for every integration test.
-pub fn sockprobe_exe() -> std::path::PathBuf {
+pub fn sockprobe_exe() -> PathBuf {
+    package_exe("sockprobe")
+}
+
+/// `strait` built as this package's `strait-under-test` binary (see there).
+pub fn strait_exe() -> PathBuf {
+    package_exe("strait-under-test")
+}
+
+fn package_exe(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     exe.ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join("sockprobe"))
+        .map(|dir| dir.join(name))
         .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("no sockprobe binary near {}", exe.display()))
+        .unwrap_or_else(|| panic!("no {name} binary near {}", exe.display()))
+}
+
+/// A bpffs directory of its own under /sys/fs/bpf, to pin into; removed with everything in it
+/// on drop.
+pub struct PinRoot {
+    path: PathBuf,
+}
+
+impl PinRoot {
+    pub fn new() -> Self {
+        let path =
+            Path::new(strait::constants::BPFFS_ROOT).join(crate::unique_name("strait-test-"));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Default for PinRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 /// One attempt of `sockprobe`.

@@ -507,7 +507,7 @@ fn pods_policy_observe_and_restart_from_pins() {
         PinDir,
         flows::{self, FlowHub},
     };
-    use strait_tests::datapath::{EchoServer, PodNode};
+    use strait_tests::datapath::{EchoServer, PinRoot, PodNode};
 
     require_privileges();
     let ips: Vec<Ipv4Addr> = ["10.9.0.5", "10.9.0.6", "10.9.0.7"]
@@ -517,16 +517,8 @@ fn pods_policy_observe_and_restart_from_pins() {
     let node = PodNode::new(&ips);
     let (front, other, db) = (&node.pods[0], &node.pods[1], &node.pods[2]);
     let _server = db.ns.run(|| EchoServer::start(sa("10.9.0.7:5432")));
-    let pin_root =
-        std::path::PathBuf::from("/sys/fs/bpf").join(strait_tests::unique_name("strait-test-"));
-    let pins = PinDir::new(&pin_root);
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(pin_root.clone());
+    let pin_root = PinRoot::new();
+    let pins = PinDir::new(pin_root.path());
 
     let mut policy = EndpointPolicy {
         ingress_enforced: true,
@@ -676,6 +668,121 @@ fn pods_policy_observe_and_restart_from_pins() {
     drop(dp2);
 }
 
+/// The endpoint manager finds a pod's host-side interface from the node's route to the pod's
+/// /32 (rtnetlink, the calling thread's namespace): a wider route through the same veth, or
+/// the same address seen from another namespace, is no answer.
+#[test]
+fn host_route_ifindex_finds_the_pods_host_side_veth() {
+    use strait::hostnet::host_route_ifindex;
+    use strait_tests::datapath::PodNode;
+
+    require_privileges();
+    let pod_ip: Ipv4Addr = "10.9.1.5".parse().unwrap();
+    let node = PodNode::new(&[pod_ip]);
+    let iface = node.pods[0].host_iface.clone();
+    strait_tests::ip(&[
+        "-n",
+        node.node.name(),
+        "route",
+        "add",
+        "10.9.2.0/24",
+        "dev",
+        &iface,
+    ]);
+    let lookup = |ip: &str| {
+        let ip: Ipv4Addr = ip.parse().unwrap();
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(host_route_ifindex(ip)).unwrap()
+        }
+    };
+    let want = node
+        .node
+        .run(move || strait::datapath::loader::ifindex(&iface).unwrap());
+    assert_eq!(node.node.run(lookup("10.9.1.5")), Some(want));
+    assert_eq!(node.node.run(lookup("10.9.2.5")), None, "a /24 is no /32");
+    assert_eq!(
+        node.pods[0].ns.run(lookup("10.9.1.5")),
+        None,
+        "the pod's own namespace routes it as a local address, not through a veth"
+    );
+}
+
+/// `strait bpf cleanup` removes every strait pin directory under its root, and refuses while
+/// an agent may use them: a process holds a pinned map (this test, as an agent would), or the
+/// agent API socket answers.
+#[test]
+fn bpf_cleanup_removes_the_pins_only_once_no_agent_runs() {
+    use std::{os::unix::net::UnixListener, process::Command};
+    use strait::datapath::PinDir;
+    use strait_tests::datapath::{PinRoot, strait_exe};
+
+    require_privileges();
+    let root = PinRoot::new();
+    let pins = PinDir::new(root.path());
+    let older = root.path().join("strait-v0");
+    std::fs::create_dir_all(older.join("maps")).unwrap();
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket = socket_dir.path().join("strait.sock");
+    let cleanup = |extra: &[&str]| {
+        let out = Command::new(strait_exe())
+            .args(["bpf", "cleanup", "--pin-root"])
+            .arg(root.path())
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .output()
+            .expect("running strait bpf cleanup");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let load = || Datapath::load(Some(pins.clone()), &MapSizes::default()).unwrap();
+
+    let dp = load();
+    let (ok, _, err) = cleanup(&[]);
+    assert!(!ok, "refused while the maps are held: {err}");
+    assert!(
+        err.contains(&format!("process {} (", std::process::id())) && err.contains("holds"),
+        "{err}"
+    );
+    assert!(pins.dir().exists());
+    drop(dp);
+
+    let listener = UnixListener::bind(&socket).unwrap();
+    let (ok, _, err) = cleanup(&[]);
+    assert!(!ok, "refused while the API socket answers: {err}");
+    assert!(err.contains("an agent answers on"), "{err}");
+    assert!(pins.dir().exists());
+    let (ok, out, err) = cleanup(&["--force"]);
+    assert!(ok, "--force skips the checks: {err}");
+    assert!(
+        out.contains(&format!("removed {} (", pins.dir().display())),
+        "{out}"
+    );
+    assert!(!pins.dir().exists());
+    assert!(!older.exists(), "every schema version goes: {out}");
+
+    // A stale socket file (the agent gone) does not answer.
+    drop(listener);
+    drop(load());
+    let (ok, out, err) = cleanup(&[]);
+    assert!(ok, "{err}");
+    let maps = names::PINNED_MAPS.len();
+    assert!(
+        out.contains(&format!(
+            "removed {} ({maps} maps, 0 links)",
+            pins.dir().display()
+        )),
+        "{out}"
+    );
+    assert!(!pins.dir().exists());
+    let (ok, out, _) = cleanup(&[]);
+    assert!(ok && out.contains("no strait pins under"), "{out}");
+}
+
 /// Strict encryption, made visible: a new flow from a pod to a remote pod CIDR that has no
 /// WireGuard peer is dropped with its own reason and event; a CIDR with a peer passes.
 #[test]
@@ -783,4 +890,56 @@ fn a_full_service_map_is_reported_per_service_and_the_rest_is_programmed() {
             "service {i}"
         );
     }
+}
+
+/// A write that does not fit is counted with its map and operation, and retried: once room
+/// exists the next sync programs it.
+#[test]
+fn a_failed_ipcache_write_is_counted_and_retried() {
+    require_privileges();
+    let sizes = MapSizes {
+        ipcache: 2,
+        ..Default::default()
+    };
+    let mut dp = Datapath::load(None, &sizes).expect("loading the datapath");
+    let metrics = strait::metrics::Metrics::new();
+    let mut writer = IpcacheWriter::new(dp.take_map(names::MAP_IPCACHE).unwrap(), sizes.ipcache)
+        .unwrap()
+        .with_metrics(&metrics);
+    let desired = |prefixes: &[&str]| -> BTreeMap<Ipv4Net, IpcacheValue> {
+        prefixes
+            .iter()
+            .map(|p| (p.parse().unwrap(), ipc(1000, 1)))
+            .collect()
+    };
+    let errors = |metrics: &strait::metrics::Metrics| {
+        let text = metrics.render();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"strait_datapath_map_errors_total{map="IPCACHE4",op="update"} "#)
+            })
+            .unwrap_or_else(|| panic!("{text}"))
+            .to_owned()
+    };
+    let report = writer.sync(
+        &desired(&["10.1.0.1/32", "10.1.0.2/32", "10.1.0.3/32"]),
+        true,
+    );
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert!(
+        report.failed[0].1.contains("IPCACHE4 is full"),
+        "{report:?}"
+    );
+    assert!(writer.pending());
+    assert_eq!(errors(&metrics), "1");
+    // One prefix leaves. Writes go before deletes, so the map is still full for this sync's
+    // write (counted again); the delete makes room, and the next sync writes it.
+    let want = desired(&["10.1.0.2/32", "10.1.0.3/32"]);
+    let report = writer.sync(&want, true);
+    assert_eq!((report.failed.len(), report.deletes), (1, 1), "{report:?}");
+    assert_eq!(errors(&metrics), "2");
+    let report = writer.sync(&want, true);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!((report.entries, report.writes), (2, 1));
+    assert!(!writer.pending());
 }

@@ -6,20 +6,12 @@
 
 use strait_tests::{e2e, require_privileges};
 
-/// `strait` built as this package's binary, next to the test's helper binaries.
-fn strait_under_test() -> std::path::PathBuf {
-    let sockprobe = strait_tests::datapath::sockprobe_exe();
-    let exe = sockprobe.with_file_name("strait-under-test");
-    assert!(exe.exists(), "{} missing", exe.display());
-    exe
-}
-
 #[test]
 fn two_clusters_end_to_end() {
     require_privileges();
     let report = e2e::run(
         e2e::Options {
-            strait: strait_under_test(),
+            strait: strait_tests::datapath::strait_exe(),
             narrate: false,
         },
         |_| {},

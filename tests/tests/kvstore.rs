@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use strait::kvstore::heartbeat::HEARTBEAT_PATH;
 use strait::kvstore::{
-    ClientOptions, ClustermeshConfigDir, ConfigEvent, EtcdClient, EtcdConfig, KvstoreError,
+    ClientOptions, ClustermeshConfigDir, ConfigEvent, EtcdClient, EtcdConfig, KvstoreError, Lease,
     LeaseState, ListWatchOptions, ListWatcher, WatchEvent,
 };
 use strait_tests::etcd::{CiliumConfigOptions, EtcdServer, free_port, write_unrelated_ca};
@@ -288,7 +288,7 @@ async fn key_with_lease_disappears_once_keepalive_stops() {
     let server = EtcdServer::new();
     let c = connect(&server).await;
     let ttl = Duration::from_secs(2);
-    let mut lease = c.grant_lease(ttl).await.unwrap();
+    let mut lease = Lease::grant(&c, ttl).await.unwrap();
     assert_eq!(lease.ttl(), ttl);
     c.put("l/k", "leased", Some(lease.id())).await.unwrap();
     let (_watcher, mut rx) = ListWatcher::spawn(c.clone(), "l/");
@@ -325,7 +325,7 @@ async fn lease_keepalive_survives_an_etcd_restart() {
     let mut server = EtcdServer::new();
     let c = connect(&server).await;
     let ttl = Duration::from_secs(5);
-    let lease = c.grant_lease(ttl).await.unwrap();
+    let lease = Lease::grant(&c, ttl).await.unwrap();
     c.put("s/k", "leased", Some(lease.id())).await.unwrap();
 
     server.stop();
@@ -342,7 +342,7 @@ async fn lease_revoked_elsewhere_is_reported_lost_and_close_revokes() {
     let server = EtcdServer::new();
     let c = connect(&server).await;
 
-    let lease = c.grant_lease(Duration::from_secs(3)).await.unwrap();
+    let lease = Lease::grant(&c, Duration::from_secs(3)).await.unwrap();
     assert!(lease.is_alive());
     c.revoke_lease(lease.id()).await.unwrap();
     let state = tokio::time::timeout(Duration::from_secs(5), lease.wait_lost())
@@ -353,7 +353,7 @@ async fn lease_revoked_elsewhere_is_reported_lost_and_close_revokes() {
         other => panic!("expected Lost, got {other:?}"),
     }
 
-    let lease = c.grant_lease(Duration::from_secs(30)).await.unwrap();
+    let lease = Lease::grant(&c, Duration::from_secs(30)).await.unwrap();
     c.put("close/k", "v", Some(lease.id())).await.unwrap();
     lease.close().await.unwrap();
     // Revoked, not left to expire: the key is gone at once.
@@ -382,7 +382,7 @@ async fn conditional_writes_and_deletes() {
     assert_eq!(changed.value, b"changed");
     assert!(changed.mod_revision > a.mod_revision);
     // Same value, now bound to a lease: written once, then stable.
-    let lease = c.grant_lease(Duration::from_secs(30)).await.unwrap();
+    let lease = Lease::grant(&c, Duration::from_secs(30)).await.unwrap();
     assert!(
         c.update_if_different("w/a", "changed", Some(lease.id()))
             .await
@@ -633,7 +633,7 @@ async fn heartbeat_writer_and_tracker() {
     assert_eq!(tracker.heartbeat_age(), None);
     assert!(!tracker.is_stale());
 
-    let lease = c.grant_lease(Duration::from_secs(30)).await.unwrap();
+    let lease = Lease::grant(&c, Duration::from_secs(30)).await.unwrap();
     let writer = strait::kvstore::HeartbeatWriter::spawn(
         c.clone(),
         Some(lease.id()),

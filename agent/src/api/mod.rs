@@ -1,5 +1,7 @@
 //! The agent API: gRPC over a unix socket (`proto/strait/v1/agent.proto`). The agent serves
-//! it; `strait status` (and later `observe`, `bpf ...`) are its clients.
+//! it; `strait status` and `strait observe` are its clients. The messages mirror the agent's
+//! types field by field (`convert`), so both ends share one schema and the CLI prints the
+//! agent's types as before.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,6 +16,10 @@ use crate::{
     datapath::flows::{FlowHub, FlowRecord},
     status::AgentStatus,
 };
+
+mod convert;
+
+pub use convert::ConvertError;
 
 pub mod pb {
     tonic::include_proto!("strait.v1");
@@ -40,11 +46,8 @@ pub enum ApiError {
         path: PathBuf,
         source: tonic::Status,
     },
-    #[error("agent at {path} sent an undecodable status: {source}")]
-    Decode {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    #[error("agent at {path} sent a message strait cannot read: {source}")]
+    Decode { path: PathBuf, source: ConvertError },
 }
 
 /// Produces the current status document on demand.
@@ -58,12 +61,6 @@ struct Service {
 type FlowStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Flow, tonic::Status>> + Send>>;
 
-fn to_pb(record: &FlowRecord) -> Result<pb::Flow, tonic::Status> {
-    serde_json::to_string(record)
-        .map(|flow_json| pb::Flow { flow_json })
-        .map_err(|e| tonic::Status::internal(e.to_string()))
-}
-
 #[tonic::async_trait]
 impl pb::agent_server::Agent for Service {
     async fn status(
@@ -75,9 +72,9 @@ impl pb::agent_server::Agent for Service {
         let doc = tokio::task::spawn_blocking(move || status())
             .await
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let json =
-            serde_json::to_string(&doc).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        Ok(Response::new(pb::StatusResponse { status_json: json }))
+        Ok(Response::new(pb::StatusResponse {
+            status: Some(doc.into()),
+        }))
     }
 
     type ObserveStream = FlowStream;
@@ -94,15 +91,17 @@ impl pb::agent_server::Agent for Service {
         };
         // Subscribe before reading the backlog so nothing falls between the two.
         let live = hub.subscribe();
-        let backlog: Vec<Result<pb::Flow, tonic::Status>> =
-            hub.last(req.last as usize).iter().map(to_pb).collect();
-        let backlog = tokio_stream::iter(backlog);
+        let backlog = tokio_stream::iter(
+            hub.last(req.last as usize)
+                .into_iter()
+                .map(|r| Ok(r.into())),
+        );
         if !req.follow {
             return Ok(Response::new(Box::pin(backlog)));
         }
         use tokio_stream::StreamExt as _;
         let live = tokio_stream::wrappers::BroadcastStream::new(live).filter_map(|r| match r {
-            Ok(record) => Some(to_pb(&record)),
+            Ok(record) => Some(Ok(record.into())),
             // A slow reader skips what it missed rather than ending the stream.
             Err(_) => None,
         });
@@ -181,10 +180,16 @@ pub async fn fetch_status(path: &Path) -> Result<AgentStatus, ApiError> {
             path: path.into(),
             source,
         })?;
-    serde_json::from_str(&response.into_inner().status_json).map_err(|source| ApiError::Decode {
+    let decode_err = |source| ApiError::Decode {
         path: path.into(),
         source,
-    })
+    };
+    let status = response
+        .into_inner()
+        .status
+        .ok_or(ConvertError::Missing("status"))
+        .map_err(decode_err)?;
+    status.try_into().map_err(decode_err)
 }
 
 /// Streams flows from the agent on `path`: the last `last`, then new ones with `follow`.
@@ -206,11 +211,10 @@ pub async fn observe(
         .map_err(call_err)?
         .into_inner();
     while let Some(flow) = stream.message().await.map_err(call_err)? {
-        let record = serde_json::from_str(&flow.flow_json).map_err(|source| ApiError::Decode {
+        each(flow.try_into().map_err(|source| ApiError::Decode {
             path: path.into(),
             source,
-        })?;
-        each(record);
+        })?);
     }
     Ok(())
 }

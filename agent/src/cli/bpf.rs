@@ -1,7 +1,7 @@
 //! `strait bpf ...`: read the datapath's pinned maps directly (works while the agent runs,
-//! and while it is down: the datapath keeps working from its pins).
+//! and while it is down: the datapath keeps working from its pins), or remove the pins.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -9,7 +9,7 @@ use strait_common::names;
 
 use crate::{
     constants,
-    datapath::{PinDir, ipcache, lb, open_pinned, policy},
+    datapath::{PinDir, ipcache, lb, open_pinned, pins, policy},
 };
 
 #[derive(Debug, Args)]
@@ -22,11 +22,11 @@ pub struct BpfArgs {
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
-    pub map: BpfMap,
+    pub command: BpfCommand,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum BpfMap {
+pub enum BpfCommand {
     /// Service frontends and their backend slots.
     Lb {
         #[command(subcommand)]
@@ -47,6 +47,23 @@ pub enum BpfMap {
         #[command(subcommand)]
         cmd: List,
     },
+    /// Remove strait's pins: every `strait-v*` directory under --pin-root, its maps and its
+    /// links (which detaches the programs: pods lose policy and services their socket LB).
+    ///
+    /// Refuses while an agent may be using them: when the agent API socket (--socket) accepts
+    /// a connection, or when a process holds one of the pinned maps open (a running agent
+    /// holds all of its maps; found by map ID in /proc/*/fdinfo). --force skips both checks.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// The agent's API socket.
+    #[arg(long, env = "STRAIT_API_SOCKET", default_value = constants::DEFAULT_API_SOCKET)]
+    pub socket: PathBuf,
+    /// Remove the pins without checking that no agent uses them.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,11 +99,77 @@ fn proto(p: u8) -> String {
     }
 }
 
-pub fn run(args: BpfArgs) -> anyhow::Result<()> {
+/// What `strait bpf cleanup` removed from one pin directory.
+#[derive(Debug, Serialize)]
+struct Removed {
+    path: PathBuf,
+    maps: usize,
+    links: usize,
+}
+
+/// Bound on connecting to the agent's socket: a listener that does not accept within it (its
+/// backlog full) is an agent all the same.
+const SOCKET_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn cleanup(pin_root: &std::path::Path, args: CleanupArgs, json: bool) -> anyhow::Result<()> {
+    let dirs = pins::versioned_dirs(pin_root);
+    if !args.force {
+        let probe = tokio::net::UnixStream::connect(&args.socket);
+        if !matches!(
+            tokio::time::timeout(SOCKET_PROBE_TIMEOUT, probe).await,
+            Ok(Err(_))
+        ) {
+            anyhow::bail!(
+                "an agent answers on {}: stop it first (or pass --force)",
+                args.socket.display()
+            );
+        }
+        if let Some(h) = pins::holders(&dirs).first() {
+            anyhow::bail!(
+                "process {} ({}) holds {} open: stop it first (or pass --force)",
+                h.pid,
+                h.command,
+                h.map.display()
+            );
+        }
+    }
+    let count = |dir: PathBuf| std::fs::read_dir(dir).map_or(0, |d| d.count());
+    let mut removed = Vec::new();
+    for dir in dirs {
+        let r = Removed {
+            maps: count(dir.join("maps")),
+            links: count(dir.join("links")),
+            path: dir,
+        };
+        pins::remove_tree(&r.path)
+            .map_err(|e| anyhow::anyhow!("removing {}: {e}", r.path.display()))?;
+        removed.push(r);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&removed)?);
+    } else if removed.is_empty() {
+        println!("no strait pins under {}", pin_root.display());
+    } else {
+        for r in &removed {
+            println!(
+                "removed {} ({} maps, {} links)",
+                r.path.display(),
+                r.maps,
+                r.links
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(args: BpfArgs) -> anyhow::Result<()> {
     let pins = PinDir::new(&args.pin_root);
     let open = |name| open_pinned(&pins, name);
-    match args.map {
-        BpfMap::Lb { .. } => {
+    match args.command {
+        BpfCommand::Cleanup(cleanup_args) => {
+            return cleanup(&args.pin_root, cleanup_args, args.json).await;
+        }
+        BpfCommand::Lb { .. } => {
             let rows = lb::list(
                 open(names::MAP_LB4_SERVICES)?,
                 open(names::MAP_LB4_BACKENDS)?,
@@ -122,7 +205,7 @@ pub fn run(args: BpfArgs) -> anyhow::Result<()> {
                 "FRONTEND               PROTO REVNAT SCOPE  BACKENDS",
             );
         }
-        BpfMap::Ipcache { .. } => {
+        BpfCommand::Ipcache { .. } => {
             let rows = ipcache::list(open(names::MAP_IPCACHE)?)?;
             print(
                 args.json,
@@ -143,7 +226,7 @@ pub fn run(args: BpfArgs) -> anyhow::Result<()> {
                 "PREFIX                IDENTITY  CLUSTER NODE             KEY SCOPE",
             );
         }
-        BpfMap::Policy {
+        BpfCommand::Policy {
             cmd: PolicyList::List { endpoint },
         } => {
             let mut rows = policy::list(open(names::MAP_ENDPOINTS)?, open(names::MAP_POLICY)?)?;
@@ -195,7 +278,7 @@ pub fn run(args: BpfArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        BpfMap::Ct { .. } => {
+        BpfCommand::Ct { .. } => {
             let rows = policy::ct_list(open(names::MAP_CT)?)?;
             print(
                 args.json,

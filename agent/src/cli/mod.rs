@@ -15,9 +15,10 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "strait", version, about, long_about = None)]
 pub struct Cli {
-    /// Log filter in tracing's EnvFilter syntax (e.g. `info`, `strait=debug`).
-    #[arg(long, env = "STRAIT_LOG", default_value = "info", global = true)]
-    pub log: String,
+    /// Log filter in tracing's EnvFilter syntax (e.g. `info`, `strait=debug`). Without --log
+    /// and STRAIT_LOG, RUST_LOG is used; without any of them, `info`.
+    #[arg(long, env = "STRAIT_LOG", global = true)]
+    pub log: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -40,11 +41,22 @@ pub enum Command {
     /// Show the datapath's flow events (drops with both identities and the reason), like
     /// `hubble observe`: the last --last flows, then new ones with --follow.
     Observe(observe::ObserveArgs),
-    /// Inspect the datapath's eBPF maps (read from their bpffs pins).
+    /// Inspect the datapath's eBPF maps (read from their bpffs pins), or remove the pins.
     ///
     /// `strait bpf lb list`, `strait bpf ipcache list`, `strait bpf policy list [ENDPOINT]`,
-    /// `strait bpf ct list`; add --json for scripts.
+    /// `strait bpf ct list`; add --json for scripts. `strait bpf cleanup` removes the pins
+    /// once no agent runs.
     Bpf(bpf::BpfArgs),
+}
+
+/// The log filter and what set it: `--log` or `STRAIT_LOG` (clap reads both into `log`), else
+/// `RUST_LOG`, else `info`.
+fn log_filter(log: Option<String>, rust_log: Option<String>) -> (String, &'static str) {
+    match (log, rust_log.filter(|f| !f.is_empty())) {
+        (Some(f), _) => (f, "--log"),
+        (None, Some(f)) => (f, "RUST_LOG"),
+        (None, None) => ("info".to_owned(), "--log"),
+    }
 }
 
 /// The `strait` binary: parses the command line, sets up logging, runs the command. A
@@ -54,8 +66,9 @@ pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Logs go to stderr so stdout stays machine-readable; tracing-subscriber also routes the
     // `log` records aya emits into tracing.
-    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
-        eprintln!("invalid --log filter {:?}: {e}; using `info`", cli.log);
+    let (filter, source) = log_filter(cli.log.clone(), std::env::var("RUST_LOG").ok());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+        eprintln!("invalid {source} filter {filter:?}: {e}; using `info`");
         EnvFilter::new("info")
     });
     tracing_subscriber::fmt()
@@ -80,7 +93,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Status(args) => status::run(args).await,
             Command::Kvstoremesh(args) => kvstoremesh::run(args).await,
             Command::Observe(args) => observe::run(args).await,
-            Command::Bpf(args) => bpf::run(args),
+            Command::Bpf(args) => bpf::run(args).await,
         }
     });
     match result {
@@ -89,5 +102,25 @@ pub fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strait_log_wins_over_rust_log() {
+        // `log` is what clap read from --log or STRAIT_LOG.
+        let filter = |log: Option<&str>, rust_log: Option<&str>| {
+            log_filter(log.map(Into::into), rust_log.map(Into::into))
+        };
+        assert_eq!(
+            filter(Some("debug"), Some("warn")),
+            ("debug".into(), "--log")
+        );
+        assert_eq!(filter(None, Some("warn")), ("warn".into(), "RUST_LOG"));
+        assert_eq!(filter(None, Some("")), ("info".into(), "--log"));
+        assert_eq!(filter(None, None), ("info".into(), "--log"));
     }
 }

@@ -5,44 +5,35 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{
-    Map, MapData,
-    lpm_trie::{Key, LpmTrie},
-};
+use aya::maps::Map;
 use ipnet::{IpNet, Ipv4Net};
 use strait_common::{
-    flow::{GUARD_ENCRYPTED, GUARD_NO_PEER},
+    flow::{DEFAULT_GUARD_MAX, GUARD_ENCRYPTED, GUARD_NO_PEER},
     names,
 };
 
-use super::DatapathError;
+use super::{
+    DatapathError,
+    mirror::{KernelLpm4, MapMirror},
+};
+use crate::metrics::Metrics;
 
 pub struct GuardWriter {
-    map: LpmTrie<MapData, u32, u32>,
-    programmed: BTreeMap<Ipv4Net, u32>,
-}
-
-fn key(p: &Ipv4Net) -> Key<u32> {
-    Key::new(
-        u32::from(p.prefix_len()),
-        u32::from_ne_bytes(p.addr().octets()),
-    )
+    map: MapMirror<KernelLpm4<u32>>,
 }
 
 impl GuardWriter {
     pub fn new(map: Map) -> Result<Self, DatapathError> {
-        let name = names::MAP_ENCRYPT_GUARD;
-        let map: LpmTrie<MapData, u32, u32> =
-            LpmTrie::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-        let programmed = map
-            .iter()
-            .flatten()
-            .filter_map(|(k, v)| {
-                let net = Ipv4Net::new(k.data().to_ne_bytes().into(), k.prefix_len() as u8).ok()?;
-                Some((net, v))
-            })
-            .collect();
-        Ok(Self { map, programmed })
+        let map = KernelLpm4::new(map, names::MAP_ENCRYPT_GUARD, DEFAULT_GUARD_MAX)?;
+        Ok(Self {
+            map: MapMirror::new(map),
+        })
+    }
+
+    /// Counts map errors in `metrics`.
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
+        self.map = self.map.with_metrics(metrics);
+        self
     }
 
     /// Makes the map equal to `routes` (prefix, routed into the device?); IPv6 is skipped
@@ -62,27 +53,11 @@ impl GuardWriter {
                 IpNet::V6(_) => None,
             })
             .collect();
-        let mut failed = 0;
-        for (p, v) in &desired {
-            if self.programmed.get(p) == Some(v) {
-                continue;
-            }
-            if self.map.insert(&key(p), v, 0).is_ok() {
-                self.programmed.insert(*p, *v);
-            } else {
-                failed += 1;
-            }
-        }
-        let stale: Vec<Ipv4Net> = self
-            .programmed
-            .keys()
-            .filter(|p| !desired.contains_key(p))
-            .copied()
-            .collect();
-        for p in stale {
-            let _ = self.map.remove(&key(&p));
-            self.programmed.remove(&p);
-        }
-        failed
+        self.map.sync(&desired, true).failed.len()
+    }
+
+    /// Whether a failed write or delete waits for a retry.
+    pub fn pending(&self) -> bool {
+        self.map.pending()
     }
 }

@@ -1,15 +1,13 @@
 //! The ipcache writer: every endpoint of every accepted cluster, IPv4 prefix → identity,
-//! hosting node, encryption key, remote flag. Incremental: only changed prefixes are written.
+//! hosting node, encryption key, remote flag. Incremental: only changed prefixes are written
+//! (through the map mirror, which also retries failed writes and deletes).
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
 };
 
-use aya::maps::{
-    Map, MapData,
-    lpm_trie::{Key, LpmTrie},
-};
+use aya::maps::Map;
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 use strait_common::{
@@ -17,8 +15,11 @@ use strait_common::{
     names,
 };
 
-use super::DatapathError;
-use crate::state::StateModel;
+use super::{
+    DatapathError,
+    mirror::{KernelLpm4, KernelMap as _, MapMirror, SyncReport},
+};
+use crate::{metrics::Metrics, state::StateModel};
 
 /// What the ipcache should hold, from the state model.
 pub fn desired(model: &StateModel) -> BTreeMap<Ipv4Net, IpcacheValue> {
@@ -51,39 +52,25 @@ pub fn desired(model: &StateModel) -> BTreeMap<Ipv4Net, IpcacheValue> {
     out
 }
 
-fn key(p: &Ipv4Net) -> Key<u32> {
-    Key::new(
-        u32::from(p.prefix_len()),
-        u32::from_ne_bytes(p.addr().octets()),
-    )
-}
-
 pub struct IpcacheWriter {
-    map: LpmTrie<MapData, u32, IpcacheValue>,
-    max: u32,
-    programmed: BTreeMap<Ipv4Net, IpcacheValue>,
+    map: MapMirror<KernelLpm4<IpcacheValue>>,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct IpcacheSyncReport {
-    pub entries: usize,
-    pub writes: usize,
-    pub deletes: usize,
-    pub failed: Vec<(Ipv4Net, String)>,
-}
+pub type IpcacheSyncReport = SyncReport<Ipv4Net>;
 
 impl IpcacheWriter {
     /// Takes the map and remembers what a previous agent left in it (pinned map).
     pub fn new(map: Map, max: u32) -> Result<Self, DatapathError> {
-        let name = names::MAP_IPCACHE;
-        let map: LpmTrie<MapData, u32, IpcacheValue> =
-            LpmTrie::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-        let programmed = read(&map);
+        let map = KernelLpm4::new(map, names::MAP_IPCACHE, max)?;
         Ok(Self {
-            map,
-            max,
-            programmed,
+            map: MapMirror::new(map),
         })
+    }
+
+    /// Counts map errors in `metrics`.
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
+        self.map = self.map.with_metrics(metrics);
+        self
     }
 
     /// Writes what changed; entries nobody wants are removed only with `delete_stale` (after
@@ -93,49 +80,13 @@ impl IpcacheWriter {
         desired: &BTreeMap<Ipv4Net, IpcacheValue>,
         delete_stale: bool,
     ) -> IpcacheSyncReport {
-        let mut report = IpcacheSyncReport::default();
-        for (prefix, value) in desired {
-            if self.programmed.get(prefix) == Some(value) {
-                continue;
-            }
-            match self.map.insert(&key(prefix), value, 0) {
-                Ok(()) => {
-                    self.programmed.insert(*prefix, *value);
-                    report.writes += 1;
-                }
-                Err(e) => report.failed.push((
-                    *prefix,
-                    DatapathError::map(names::MAP_IPCACHE, self.max, e).to_string(),
-                )),
-            }
-        }
-        if delete_stale {
-            let stale: Vec<Ipv4Net> = self
-                .programmed
-                .keys()
-                .filter(|p| !desired.contains_key(p))
-                .copied()
-                .collect();
-            for p in stale {
-                let _ = self.map.remove(&key(&p));
-                self.programmed.remove(&p);
-                report.deletes += 1;
-            }
-        }
-        report.entries = self.programmed.len();
-        report
+        self.map.sync(desired, delete_stale)
     }
-}
 
-fn read(map: &LpmTrie<MapData, u32, IpcacheValue>) -> BTreeMap<Ipv4Net, IpcacheValue> {
-    map.iter()
-        .flatten()
-        .filter_map(|(k, v)| {
-            let prefix =
-                Ipv4Net::new(Ipv4Addr::from(k.data().to_ne_bytes()), k.prefix_len() as u8).ok()?;
-            Some((prefix, v))
-        })
-        .collect()
+    /// Whether a failed write or delete waits for a retry.
+    pub fn pending(&self) -> bool {
+        self.map.pending()
+    }
 }
 
 /// One ipcache entry as read back (`strait bpf ipcache list`).
@@ -150,10 +101,10 @@ pub struct IpcacheListEntry {
 }
 
 pub fn list(map: Map) -> Result<Vec<IpcacheListEntry>, DatapathError> {
-    let name = names::MAP_IPCACHE;
-    let map: LpmTrie<MapData, u32, IpcacheValue> =
-        LpmTrie::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-    Ok(read(&map)
+    // Only read: the size matters for "map is full" errors alone.
+    let mut entries = KernelLpm4::<IpcacheValue>::new(map, names::MAP_IPCACHE, 0)?.entries();
+    entries.sort_by_key(|(prefix, _)| *prefix);
+    Ok(entries
         .into_iter()
         .map(|(prefix, v)| IpcacheListEntry {
             prefix,

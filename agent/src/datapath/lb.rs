@@ -21,8 +21,14 @@ use strait_common::{
     names,
 };
 
-use super::{DatapathError, MapSizes};
-use crate::state::{Protocol, SelectedBackend, ServiceView};
+use super::{
+    DatapathError, MapSizes,
+    mirror::{self, KernelHash, KernelMap, MapMirror, Op},
+};
+use crate::{
+    metrics::Metrics,
+    state::{Protocol, SelectedBackend, ServiceView},
+};
 
 /// A service frontend: VIP, port, protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -109,10 +115,11 @@ pub fn desired(views: &[ServiceView]) -> (BTreeMap<Frontend, DesiredService>, us
     (out, skipped)
 }
 
+/// What one frontend's entry covers.
 #[derive(Debug, Clone, Default)]
 struct Programmed {
     rev_nat: u16,
-    flags: u8,
+    /// Backend ids of the slots the frontend's count covers, in slot order.
     slots: Vec<u32>,
     terminating: Vec<u32>,
 }
@@ -156,17 +163,48 @@ pub struct LbSyncReport {
     pub failed: Vec<(Frontend, String)>,
 }
 
+/// LB4_SERVICES keyed by (frontend, slot); slot 0 is the frontend's own entry.
+struct ServiceMap {
+    map: BpfHashMap<MapData, Lb4Key, Lb4Service>,
+    max: u32,
+}
+
+impl KernelMap for ServiceMap {
+    type Key = (Frontend, u16);
+    type Value = Lb4Service;
+    fn name(&self) -> &'static str {
+        names::MAP_LB4_SERVICES
+    }
+    fn entries(&self) -> Vec<((Frontend, u16), Lb4Service)> {
+        self.map
+            .iter()
+            .flatten()
+            .map(|(k, v)| ((frontend_of(&k), k.backend_slot), v))
+            .collect()
+    }
+    fn insert(&mut self, (f, slot): &(Frontend, u16), v: &Lb4Service) -> Result<(), DatapathError> {
+        self.map
+            .insert(key(f, *slot), v, 0)
+            .map_err(|e| DatapathError::map(names::MAP_LB4_SERVICES, self.max, e))
+    }
+    fn remove(&mut self, (f, slot): &(Frontend, u16)) -> Result<(), DatapathError> {
+        mirror::absent_ok(self.map.remove(&key(f, *slot)))
+            .map_err(|e| DatapathError::map(names::MAP_LB4_SERVICES, self.max, e))
+    }
+}
+
 /// Owner of the three lb4 maps.
 pub struct LbWriter {
-    services: BpfHashMap<MapData, Lb4Key, Lb4Service>,
-    backends: BpfHashMap<MapData, u32, Lb4Backend>,
-    revnat: BpfHashMap<MapData, u16, Lb4RevNat>,
+    services: MapMirror<ServiceMap>,
+    backends: MapMirror<KernelHash<u32, Lb4Backend>>,
+    revnat: MapMirror<KernelHash<u16, Lb4RevNat>>,
     sizes: MapSizes,
     programmed: BTreeMap<Frontend, Programmed>,
     backend_ids: HashMap<BackendAddr, u32>,
-    backend_values: HashMap<u32, Lb4Backend>,
     ids: Ids,
     rev_ids: Ids,
+    /// The last sync left a frontend unprogrammed (it is retried).
+    unprogrammed: bool,
 }
 
 fn key(f: &Frontend, slot: u16) -> Lb4Key {
@@ -186,6 +224,14 @@ fn typed<K: aya::Pod, V: aya::Pod>(
     BpfHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
+fn frontend_of(k: &Lb4Key) -> Frontend {
+    Frontend {
+        address: Ipv4Addr::from(k.address.to_ne_bytes()),
+        port: u16::from_be(k.dport),
+        proto: k.proto,
+    }
+}
+
 impl LbWriter {
     /// Takes the maps and restores what a previous agent programmed into them (pinned maps),
     /// so ids stay stable and nothing is rewritten needlessly.
@@ -195,39 +241,53 @@ impl LbWriter {
         revnat: Map,
         sizes: MapSizes,
     ) -> Result<Self, DatapathError> {
+        let services = ServiceMap {
+            map: typed(services, names::MAP_LB4_SERVICES)?,
+            max: sizes.lb_services,
+        };
+        let backends = KernelHash::new(backends, names::MAP_LB4_BACKENDS, sizes.lb_backends)?;
+        let revnat = KernelHash::new(revnat, names::MAP_LB4_REVNAT, sizes.lb_revnat)?;
         let mut w = Self {
-            services: typed(services, names::MAP_LB4_SERVICES)?,
-            backends: typed(backends, names::MAP_LB4_BACKENDS)?,
-            revnat: typed(revnat, names::MAP_LB4_REVNAT)?,
+            services: MapMirror::new(services),
+            backends: MapMirror::new(backends),
+            revnat: MapMirror::new(revnat),
             sizes,
             programmed: BTreeMap::new(),
             backend_ids: HashMap::new(),
-            backend_values: HashMap::new(),
             ids: Ids::default(),
             rev_ids: Ids::default(),
+            unprogrammed: false,
         };
         w.restore();
         Ok(w)
     }
 
+    /// Counts map errors in `metrics`.
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
+        self.services = self.services.with_metrics(metrics);
+        self.backends = self.backends.with_metrics(metrics);
+        self.revnat = self.revnat.with_metrics(metrics);
+        self
+    }
+
+    /// Whether something failed last time and waits for a retry.
+    pub fn pending(&self) -> bool {
+        self.unprogrammed
+            || self.services.pending()
+            || self.backends.pending()
+            || self.revnat.pending()
+    }
+
     fn restore(&mut self) {
-        for (id, b) in self.backends.iter().flatten() {
-            self.backend_ids.insert(backend_addr(&b), id);
-            self.backend_values.insert(id, b);
-            self.ids.mark(id);
+        for (id, b) in self.backends.programmed() {
+            self.backend_ids.insert(backend_addr(b), *id);
+            self.ids.mark(*id);
         }
-        let mut entries: Vec<(Lb4Key, Lb4Service)> = self.services.iter().flatten().collect();
-        entries.sort_by_key(|(k, _)| k.backend_slot);
-        for (k, v) in entries {
-            let f = Frontend {
-                address: Ipv4Addr::from(k.address.to_ne_bytes()),
-                port: u16::from_be(k.dport),
-                proto: k.proto,
-            };
-            let p = self.programmed.entry(f).or_default();
-            if k.backend_slot == 0 {
+        // In key order: each frontend's slots come in slot order.
+        for ((f, slot), v) in self.services.programmed() {
+            let p = self.programmed.entry(*f).or_default();
+            if *slot == 0 {
                 p.rev_nat = v.rev_nat_index;
-                p.flags = v.flags;
                 self.rev_ids.mark(u32::from(v.rev_nat_index));
             } else {
                 p.slots.push(v.backend_id);
@@ -244,7 +304,7 @@ impl LbWriter {
 
     /// Makes the maps match `desired`. Frontends and backends nobody wants any more are only
     /// removed when `delete_stale` is set, i.e. after the first full sync of every source:
-    /// until then restored state keeps serving.
+    /// until then restored state keeps serving. Deletes that failed are retried here.
     pub fn sync(
         &mut self,
         desired: &BTreeMap<Frontend, DesiredService>,
@@ -266,8 +326,16 @@ impl LbWriter {
             for f in stale {
                 self.remove(&f, &mut report);
             }
-            self.collect_backends(&mut report);
+            self.collect(&mut report);
         }
+        // Each of these deletes was safe when it was decided (nothing names the entry).
+        report.deletes += self.services.retry_deletes()
+            + self.revnat.retry_deletes()
+            + self.backends.retry_deletes();
+        self.services.finish_pass(|_| true);
+        self.revnat.finish_pass(|_| true);
+        self.backends.finish_pass(|_| true);
+        self.unprogrammed = !report.failed.is_empty();
         report.services = self.programmed.len();
         report.backends = self.backend_ids.len();
         report
@@ -297,30 +365,32 @@ impl LbWriter {
                 slots.len()
             )));
         }
-        let old = self.programmed.get(f).cloned();
         // 2. The rev-nat entry, before the frontend can translate anything.
-        let rev_nat = match &old {
+        let rev_nat = match self.programmed.get(f) {
             Some(p) => p.rev_nat,
             None => {
                 let max = self.sizes.lb_revnat.min(u32::from(u16::MAX));
-                let id = self.rev_ids.take(max).ok_or(DatapathError::MapFull {
-                    map: names::MAP_LB4_REVNAT,
-                    max,
-                })? as u16;
+                let Some(id) = self.rev_ids.take(max) else {
+                    self.revnat.count_error(Op::Update);
+                    return Err(DatapathError::MapFull {
+                        map: names::MAP_LB4_REVNAT,
+                        max,
+                    });
+                };
+                let id = id as u16;
                 let value = Lb4RevNat {
                     address: u32::from_ne_bytes(f.address.octets()),
                     port: f.port.to_be(),
                     pad: [0; 2],
                 };
-                if let Err(e) = self.revnat.insert(id, value, 0) {
+                if let Err(e) = self.revnat.write(id, value) {
                     self.rev_ids.free(u32::from(id));
-                    return Err(DatapathError::map(names::MAP_LB4_REVNAT, max, e));
+                    return Err(e);
                 }
                 report.writes += 1;
                 id
             }
         };
-        let old_slots = old.as_ref().map(|p| p.slots.clone()).unwrap_or_default();
         // Record what exists so far, so a failure part-way still lets cleanup find it.
         let entry = self.programmed.entry(*f).or_insert_with(|| Programmed {
             rev_nat,
@@ -329,45 +399,39 @@ impl LbWriter {
         entry.terminating = terminating;
         // 3. Slots, in place; each overwrite swaps one valid backend for another.
         for (i, id) in slots.iter().enumerate() {
-            if old_slots.get(i) != Some(id) {
-                let value = Lb4Service {
-                    backend_id: *id,
-                    ..Default::default()
-                };
-                self.services
-                    .insert(key(f, i as u16 + 1), value, 0)
-                    .map_err(|e| {
-                        DatapathError::map(names::MAP_LB4_SERVICES, self.sizes.lb_services, e)
-                    })?;
-                report.writes += 1;
-            }
+            let value = Lb4Service {
+                backend_id: *id,
+                ..Default::default()
+            };
+            report.writes += usize::from(self.services.write((*f, i as u16 + 1), value)?);
         }
         // 4. The frontend: one atomic write switches to the new set.
-        let unchanged = old
-            .as_ref()
-            .is_some_and(|p| p.slots.len() == slots.len() && p.flags == flags);
-        if !unchanged {
-            let value = Lb4Service {
-                backend_id: 0,
-                count: slots.len() as u16,
-                rev_nat_index: rev_nat,
-                flags,
-                pad: [0; 3],
-            };
-            self.services.insert(key(f, 0), value, 0).map_err(|e| {
-                DatapathError::map(names::MAP_LB4_SERVICES, self.sizes.lb_services, e)
-            })?;
-            report.writes += 1;
+        let value = Lb4Service {
+            backend_id: 0,
+            count: slots.len() as u16,
+            rev_nat_index: rev_nat,
+            flags,
+            pad: [0; 3],
+        };
+        report.writes += usize::from(self.services.write((*f, 0), value)?);
+        // 5. Slots the new count no longer covers (a failed delete stays pending).
+        for k in self.slot_keys(f, slots.len() + 1) {
+            report.deletes += usize::from(self.services.delete(&k).unwrap_or(false));
         }
-        // 5. Slots the new count no longer covers.
-        for i in slots.len()..old_slots.len() {
-            let _ = self.services.remove(&key(f, i as u16 + 1));
-            report.deletes += 1;
-        }
-        let entry = self.programmed.get_mut(f).expect("inserted above");
-        entry.slots = slots;
-        entry.flags = flags;
+        self.programmed.get_mut(f).expect("inserted above").slots = slots;
         Ok(())
+    }
+
+    /// The programmed slot keys of `f` from slot `first` on.
+    fn slot_keys(&self, f: &Frontend, first: usize) -> Vec<(Frontend, u16)> {
+        let Ok(first) = u16::try_from(first) else {
+            return Vec::new();
+        };
+        self.services
+            .programmed()
+            .range((*f, first)..=(*f, u16::MAX))
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     fn ensure_backend(
@@ -377,12 +441,16 @@ impl LbWriter {
         report: &mut LbSyncReport,
     ) -> Result<u32, DatapathError> {
         let max = self.sizes.lb_backends;
-        let id = match self.backend_ids.get(b) {
-            Some(id) => *id,
-            None => self.ids.take(max).ok_or(DatapathError::MapFull {
-                map: names::MAP_LB4_BACKENDS,
-                max,
-            })?,
+        let known = self.backend_ids.get(b).copied();
+        let id = match known.or_else(|| self.ids.take(max)) {
+            Some(id) => id,
+            None => {
+                self.backends.count_error(Op::Update);
+                return Err(DatapathError::MapFull {
+                    map: names::MAP_LB4_BACKENDS,
+                    max,
+                });
+            }
         };
         let value = Lb4Backend {
             address: u32::from_ne_bytes(b.address.octets()),
@@ -392,35 +460,42 @@ impl LbWriter {
             cluster_id: b.cluster_id,
             pad: [0; 2],
         };
-        if self.backend_values.get(&id) != Some(&value) {
-            if let Err(e) = self.backends.insert(id, value, 0) {
-                if !self.backend_ids.contains_key(b) {
+        match self.backends.write(id, value) {
+            Ok(written) => {
+                report.writes += usize::from(written);
+                self.backend_ids.insert(*b, id);
+                Ok(id)
+            }
+            Err(e) => {
+                if known.is_none() {
                     self.ids.free(id);
                 }
-                return Err(DatapathError::map(names::MAP_LB4_BACKENDS, max, e));
+                Err(e)
             }
-            report.writes += 1;
-            self.backend_ids.insert(*b, id);
-            self.backend_values.insert(id, value);
         }
-        Ok(id)
     }
 
     fn remove(&mut self, f: &Frontend, report: &mut LbSyncReport) {
+        // Frontend first: the programs stop translating before anything else goes. While
+        // that delete fails the frontend stays, and its removal is retried next sync.
+        match self.services.delete(&(*f, 0)) {
+            Ok(deleted) => report.deletes += usize::from(deleted),
+            Err(_) => return,
+        }
         let Some(p) = self.programmed.remove(f) else {
             return;
         };
-        // Frontend first: the programs stop translating before anything else goes.
-        let _ = self.services.remove(&key(f, 0));
-        for i in 0..p.slots.len() {
-            let _ = self.services.remove(&key(f, i as u16 + 1));
+        // Failed deletes below stay pending in the mirrors (retried at the end of a sync).
+        for k in self.slot_keys(f, 1) {
+            report.deletes += usize::from(self.services.delete(&k).unwrap_or(false));
         }
-        let _ = self.revnat.remove(&p.rev_nat);
+        report.deletes += usize::from(self.revnat.delete(&p.rev_nat).unwrap_or(false));
         self.rev_ids.free(u32::from(p.rev_nat));
-        report.deletes += 2 + p.slots.len();
     }
 
-    fn collect_backends(&mut self, report: &mut LbSyncReport) {
+    /// Backends no frontend names, and rev-nat entries no frontend uses (left by an earlier
+    /// agent).
+    fn collect(&mut self, report: &mut LbSyncReport) {
         let referenced: std::collections::HashSet<u32> = self
             .programmed
             .values()
@@ -434,11 +509,23 @@ impl LbWriter {
             .map(|(b, id)| (*b, *id))
             .collect();
         for (b, id) in unused {
-            let _ = self.backends.remove(&id);
+            // A failed delete stays pending in the mirror; the id is free either way (a
+            // backend that takes it overwrites the entry).
+            report.deletes += usize::from(self.backends.delete(&id).unwrap_or(false));
             self.backend_ids.remove(&b);
-            self.backend_values.remove(&id);
             self.ids.free(id);
-            report.deletes += 1;
+        }
+        let used: std::collections::HashSet<u16> =
+            self.programmed.values().map(|p| p.rev_nat).collect();
+        let orphans: Vec<u16> = self
+            .revnat
+            .programmed()
+            .keys()
+            .filter(|id| !used.contains(id))
+            .copied()
+            .collect();
+        for id in orphans {
+            report.deletes += usize::from(self.revnat.delete(&id).unwrap_or(false));
         }
     }
 }
@@ -478,11 +565,7 @@ pub fn list(services: Map, backends: Map) -> Result<Vec<LbListEntry>, DatapathEr
     let mut entries: Vec<(Lb4Key, Lb4Service)> = services.iter().flatten().collect();
     entries.sort_by_key(|(k, _)| k.backend_slot);
     for (k, v) in entries {
-        let frontend = Frontend {
-            address: Ipv4Addr::from(k.address.to_ne_bytes()),
-            port: u16::from_be(k.dport),
-            proto: k.proto,
-        };
+        let frontend = frontend_of(&k);
         let entry = by_frontend.entry(frontend).or_insert(LbListEntry {
             frontend,
             rev_nat: 0,

@@ -19,8 +19,9 @@ use strait_common::{flow, ipcache, lb, names, policy};
 use super::{DatapathError, EBPF_OBJECT, ensure_clsact, pins::PinDir};
 
 /// Map sizes (entries). A full map is reported as an error and counted; raise these for very
-/// large meshes. Changing a size of an existing pinned map takes effect after
-/// `strait bpf cleanup` (the kernel cannot resize a map).
+/// large meshes. A pinned map is reused as it is (the kernel cannot resize a map), so a new
+/// size takes effect once the pins are gone: stop the agent, run
+/// `strait bpf cleanup --pin-root <pinRoot>`, start the agent again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct MapSizes {

@@ -1,11 +1,13 @@
 //! Loading strait's eBPF object and owning what it puts in the kernel.
 
 pub mod counter;
+mod endpoints;
 pub mod flows;
 pub mod guard;
 pub mod ipcache;
 pub mod lb;
 pub mod loader;
+pub mod mirror;
 pub mod pins;
 pub mod policy;
 pub mod reconciler;
@@ -14,7 +16,7 @@ pub mod section;
 pub use counter::{CounterRow, CounterSnapshot, PacketCounterProgram};
 pub use loader::{Datapath, MapSizes};
 pub use pins::PinDir;
-pub use reconciler::{DatapathAgent, DatapathStatus};
+pub use reconciler::DatapathAgent;
 pub use section::DatapathSection;
 
 /// The eBPF object, built from `agent-ebpf/` by build.rs and embedded with 8-byte alignment
@@ -78,10 +80,11 @@ pub enum DatapathError {
 }
 
 impl DatapathError {
-    /// Wraps a map error, recognising a full map (E2BIG from the kernel).
+    /// Wraps a map error, recognising a full map (E2BIG from the kernel's hash maps, ENOSPC
+    /// from its LPM tries).
     pub fn map(name: &'static str, max: u32, source: aya::maps::MapError) -> Self {
         if let aya::maps::MapError::SyscallError(e) = &source
-            && e.io_error.raw_os_error() == Some(libc::E2BIG)
+            && matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
         {
             return Self::MapFull { map: name, max };
         }
@@ -119,4 +122,18 @@ pub fn load_object() -> Result<aya::Ebpf, DatapathError> {
         return Err(DatapathError::NoObject);
     }
     Ok(aya::EbpfLoader::new().load(EBPF_OBJECT)?)
+}
+
+/// What `strait status` shows about the datapath.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathStatus {
+    pub pin_dir: String,
+    pub cgroup: String,
+    pub services: usize,
+    pub backends: usize,
+    pub ipcache_entries: usize,
+    pub endpoints: usize,
+    /// Frontends or prefixes that could not be programmed, with why.
+    pub errors: Vec<String>,
 }

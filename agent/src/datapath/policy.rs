@@ -21,8 +21,14 @@ use strait_common::{
     },
 };
 
-use super::DatapathError;
-use crate::policy::{Direction, EndpointPolicy};
+use super::{
+    DatapathError,
+    mirror::{self, KernelHash, KernelMap, MapMirror},
+};
+use crate::{
+    metrics::Metrics,
+    policy::{Direction, EndpointPolicy},
+};
 
 /// A local endpoint as the datapath sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,10 +47,13 @@ fn dir(d: Direction) -> u8 {
     }
 }
 
+/// A policy entry's key: (identity, direction, proto, port).
+pub type EntryKey = (u32, u8, u8, u16);
+
 /// The (identity, direction, proto, port) → deny? entries for one endpoint, with deny
 /// precedence resolved so the two-lookup datapath gives `EndpointPolicy::allows`' verdict.
-pub fn map_entries(policy: &EndpointPolicy) -> BTreeMap<(u32, u8, u8, u16), bool> {
-    let mut out: BTreeMap<(u32, u8, u8, u16), bool> = BTreeMap::new();
+pub fn map_entries(policy: &EndpointPolicy) -> BTreeMap<EntryKey, bool> {
+    let mut out: BTreeMap<EntryKey, bool> = BTreeMap::new();
     for e in &policy.entries {
         let (proto, port) = if e.protocol == 0 {
             (0, 0)
@@ -56,7 +65,7 @@ pub fn map_entries(policy: &EndpointPolicy) -> BTreeMap<(u32, u8, u8, u16), bool
             .or_insert(false);
         *slot |= e.deny;
     }
-    let denies: Vec<(u32, u8, u8, u16)> = out
+    let denies: Vec<EntryKey> = out
         .iter()
         .filter(|(_, deny)| **deny)
         .map(|(k, _)| *k)
@@ -76,10 +85,7 @@ pub fn map_entries(policy: &EndpointPolicy) -> BTreeMap<(u32, u8, u8, u16), bool
     out
 }
 
-fn policy_key(
-    ifindex: u32,
-    (identity, direction, proto, port): (u32, u8, u8, u16),
-) -> Key<PolicyKey> {
+fn policy_key(ifindex: u32, (identity, direction, proto, port): EntryKey) -> Key<PolicyKey> {
     Key::new(
         policy_prefix_len(proto, port),
         PolicyKey {
@@ -90,6 +96,53 @@ fn policy_key(
             dport: port.to_be(),
         },
     )
+}
+
+/// The POLICY trie keyed by (endpoint ifindex, entry), valued deny?.
+struct PolicyMap {
+    map: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    max: u32,
+}
+
+impl KernelMap for PolicyMap {
+    type Key = (u32, EntryKey);
+    type Value = bool;
+    fn name(&self) -> &'static str {
+        names::MAP_POLICY
+    }
+    fn entries(&self) -> Vec<((u32, EntryKey), bool)> {
+        self.map
+            .iter()
+            .flatten()
+            .map(|(k, v)| {
+                let d = k.data();
+                (
+                    (
+                        d.endpoint,
+                        (d.identity, d.direction, d.proto, u16::from_be(d.dport)),
+                    ),
+                    v.flags & POLICY_FLAG_DENY != 0,
+                )
+            })
+            .collect()
+    }
+    fn insert(
+        &mut self,
+        (ifindex, entry): &(u32, EntryKey),
+        deny: &bool,
+    ) -> Result<(), DatapathError> {
+        let value = PolicyValue {
+            flags: if *deny { POLICY_FLAG_DENY } else { 0 },
+            pad: 0,
+        };
+        self.map
+            .insert(&policy_key(*ifindex, *entry), value, 0)
+            .map_err(|e| DatapathError::map(names::MAP_POLICY, self.max, e))
+    }
+    fn remove(&mut self, (ifindex, entry): &(u32, EntryKey)) -> Result<(), DatapathError> {
+        mirror::absent_ok(self.map.remove(&policy_key(*ifindex, *entry)))
+            .map_err(|e| DatapathError::map(names::MAP_POLICY, self.max, e))
+    }
 }
 
 fn endpoint_info(spec: &EndpointSpec) -> EndpointInfo {
@@ -108,111 +161,117 @@ fn endpoint_info(spec: &EndpointSpec) -> EndpointInfo {
     }
 }
 
-#[derive(Debug, Default)]
-struct Programmed {
-    info: EndpointInfo,
-    entries: BTreeMap<(u32, u8, u8, u16), bool>,
-}
-
 /// Owner of the `ENDPOINTS` and `POLICY` maps.
 pub struct PolicyWriter {
-    endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
-    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
-    max_policy: u32,
-    max_endpoints: u32,
-    programmed: BTreeMap<u32, Programmed>,
+    endpoints: MapMirror<KernelHash<u32, EndpointInfo>>,
+    policy: MapMirror<PolicyMap>,
 }
 
 impl PolicyWriter {
+    /// Takes the maps, adopting what a previous agent wrote (pinned maps): it keeps serving
+    /// and is diffed against.
     pub fn new(
         endpoints: Map,
         policy: Map,
         max_endpoints: u32,
         max_policy: u32,
     ) -> Result<Self, DatapathError> {
-        let endpoints = BpfHashMap::try_from(endpoints).map_err(|source| DatapathError::Map {
-            name: names::MAP_ENDPOINTS,
-            source,
-        })?;
-        let policy = LpmTrie::try_from(policy).map_err(|source| DatapathError::Map {
-            name: names::MAP_POLICY,
-            source,
-        })?;
-        let mut w = Self {
-            endpoints,
-            policy,
-            max_policy,
-            max_endpoints,
-            programmed: BTreeMap::new(),
+        let endpoints = KernelHash::new(endpoints, names::MAP_ENDPOINTS, max_endpoints)?;
+        let policy = PolicyMap {
+            map: LpmTrie::try_from(policy).map_err(|source| DatapathError::Map {
+                name: names::MAP_POLICY,
+                source,
+            })?,
+            max: max_policy,
         };
-        // Restore (pinned maps): keep serving what a previous agent wrote, diff against it.
-        for (ifindex, info) in w.endpoints.iter().flatten() {
-            w.programmed.entry(ifindex).or_default().info = info;
-        }
-        for (k, v) in w.policy.iter().flatten() {
-            let d = k.data();
-            w.programmed.entry(d.endpoint).or_default().entries.insert(
-                (d.identity, d.direction, d.proto, u16::from_be(d.dport)),
-                v.flags & POLICY_FLAG_DENY != 0,
-            );
-        }
-        Ok(w)
+        Ok(Self {
+            endpoints: MapMirror::new(endpoints),
+            policy: MapMirror::new(policy),
+        })
+    }
+
+    /// Counts map errors in `metrics`.
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
+        self.endpoints = self.endpoints.with_metrics(metrics);
+        self.policy = self.policy.with_metrics(metrics);
+        self
     }
 
     /// Programs one endpoint. New entries go in before the endpoint's enforcement flags
-    /// change, and stale entries go after, so a tightening never opens a gap.
+    /// change, and stale entries go after, so a tightening never opens a gap. An error means
+    /// the endpoint is not programmed as asked (a stale entry that could not be deleted
+    /// among them): calling again retries.
     pub fn set_endpoint(&mut self, spec: &EndpointSpec) -> Result<(), DatapathError> {
-        let want = map_entries(&spec.policy);
-        let info = endpoint_info(spec);
-        let existed = self.programmed.contains_key(&spec.ifindex);
-        let old = self.programmed.remove(&spec.ifindex).unwrap_or_default();
-        let mut done = Programmed {
-            info: old.info,
-            entries: old.entries.clone(),
-        };
-        let result = (|| {
-            for (k, deny) in &want {
-                if old.entries.get(k) == Some(deny) {
-                    continue;
-                }
-                let value = PolicyValue {
-                    flags: if *deny { POLICY_FLAG_DENY } else { 0 },
-                    pad: 0,
-                };
-                self.policy
-                    .insert(&policy_key(spec.ifindex, *k), value, 0)
-                    .map_err(|e| DatapathError::map(names::MAP_POLICY, self.max_policy, e))?;
-                done.entries.insert(*k, *deny);
-            }
-            if old.info != info || !existed {
-                self.endpoints
-                    .insert(spec.ifindex, info, 0)
-                    .map_err(|e| DatapathError::map(names::MAP_ENDPOINTS, self.max_endpoints, e))?;
-                done.info = info;
-            }
-            for k in old.entries.keys().filter(|k| !want.contains_key(k)) {
-                let _ = self.policy.remove(&policy_key(spec.ifindex, *k));
-                done.entries.remove(k);
-            }
-            Ok(())
-        })();
-        self.programmed.insert(spec.ifindex, done);
+        self.retry_deletes();
+        let ifindex = spec.ifindex;
+        let result = self.program(ifindex, &map_entries(&spec.policy), endpoint_info(spec));
+        self.finish_pass(ifindex);
         result
     }
 
-    /// Forgets an endpoint: it stops being enforced first, then its entries go.
-    pub fn remove_endpoint(&mut self, ifindex: u32) {
-        let _ = self.endpoints.remove(&ifindex);
-        if let Some(p) = self.programmed.remove(&ifindex) {
-            for k in p.entries.keys() {
-                let _ = self.policy.remove(&policy_key(ifindex, *k));
+    fn program(
+        &mut self,
+        ifindex: u32,
+        want: &BTreeMap<EntryKey, bool>,
+        info: EndpointInfo,
+    ) -> Result<(), DatapathError> {
+        for (k, deny) in want {
+            self.policy.write((ifindex, *k), *deny)?;
+        }
+        self.endpoints.write(ifindex, info)?;
+        let stale: Vec<(u32, EntryKey)> = self
+            .entries_of(ifindex)
+            .filter(|(_, k)| !want.contains_key(k))
+            .collect();
+        // Every stale entry is tried; a failed one stays pending.
+        let mut result = Ok(());
+        for k in stale {
+            if let Err(e) = self.policy.delete(&k) {
+                result = result.and(Err(e));
             }
         }
+        result
+    }
+
+    /// Forgets an endpoint: it stops being enforced first, then its entries go. A delete
+    /// that fails stays pending and is retried by the next call of either method.
+    pub fn remove_endpoint(&mut self, ifindex: u32) {
+        self.retry_deletes();
+        let _ = self.endpoints.delete(&ifindex);
+        let entries: Vec<(u32, EntryKey)> = self.entries_of(ifindex).collect();
+        for k in entries {
+            let _ = self.policy.delete(&k);
+        }
+        self.finish_pass(ifindex);
     }
 
     /// Endpoints currently programmed (ifindex).
     pub fn endpoints(&self) -> impl Iterator<Item = u32> + '_ {
-        self.programmed.keys().copied()
+        self.endpoints.programmed().keys().copied()
+    }
+
+    fn entries_of(&self, ifindex: u32) -> impl Iterator<Item = (u32, EntryKey)> + '_ {
+        self.policy
+            .programmed()
+            .range((ifindex, (0, 0, 0, 0))..=(ifindex, (u32::MAX, u8::MAX, u8::MAX, u16::MAX)))
+            .map(|(k, _)| *k)
+    }
+
+    /// Whether a write or delete that failed is waiting to be retried.
+    pub fn pending(&self) -> bool {
+        self.endpoints.pending() || self.policy.pending()
+    }
+
+    /// Deletes that failed earlier, endpoints before entries (as in `remove_endpoint`).
+    pub fn retry_deletes(&mut self) {
+        self.endpoints.retry_deletes();
+        self.policy.retry_deletes();
+    }
+
+    /// A call touches one endpoint's keys: only their failure streaks end with it.
+    fn finish_pass(&mut self, ifindex: u32) {
+        self.endpoints.finish_pass(|k| *k == ifindex);
+        self.policy.finish_pass(|k| k.0 == ifindex);
     }
 }
 

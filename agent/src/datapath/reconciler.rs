@@ -1,5 +1,6 @@
 //! The agent side of the datapath: loads and attaches it, then keeps its maps equal to the
-//! state model (services → lb4 maps, endpoints → ipcache), reads flow events and exports
+//! state model (services → lb4 maps, endpoints → ipcache, local endpoints → policy programs
+//! and maps, strict encryption's routes → encryption guard), reads flow events and exports
 //! drop counters. It is the only writer of those maps.
 
 use std::{
@@ -13,7 +14,7 @@ use strait_common::{flow::CONFIG_FLAG_TRACE_ALLOWED, names};
 use tokio::sync::watch;
 
 use super::{
-    Datapath, DatapathError, DatapathSection, PinDir,
+    Datapath, DatapathError, DatapathSection, DatapathStatus, PinDir, endpoints,
     flows::{self, FlowHub, IdentityLookup},
     guard::GuardWriter,
     ipcache::{self, IpcacheSyncReport, IpcacheWriter},
@@ -32,6 +33,8 @@ const CT_TCP_IDLE: Duration = Duration::from_secs(6 * 3600);
 const CT_OTHER_IDLE: Duration = Duration::from_secs(60);
 const CT_GC_INTERVAL: Duration = Duration::from_secs(30);
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(5);
+/// How soon map writes and deletes that failed are tried again.
+const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The cgroup v2 mount point, from /proc/mounts (never assumed: hybrid hosts mount it under
 /// `/sys/fs/cgroup/unified`, Talos at `/sys/fs/cgroup`).
@@ -44,27 +47,9 @@ pub fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
-/// What `strait status` shows about the datapath.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DatapathStatus {
-    pub pin_dir: String,
-    pub cgroup: String,
-    pub services: usize,
-    pub backends: usize,
-    pub ipcache_entries: usize,
-    pub endpoints: usize,
-    /// Frontends or prefixes that could not be programmed, with why.
-    pub errors: Vec<String>,
-}
-
 pub struct DatapathAgent {
     status: Arc<Mutex<DatapathStatus>>,
     flows: FlowHub,
-    /// Shared with the local endpoint manager (pods on this node).
-    pub policy: Arc<Mutex<PolicyWriter>>,
-    datapath: Arc<Mutex<Datapath>>,
-    guard: Mutex<Option<GuardWriter>>,
     _tasks: Vec<AbortOnDrop>,
 }
 
@@ -97,18 +82,22 @@ impl DatapathAgent {
             dp.take_map(names::MAP_LB4_BACKENDS)?,
             dp.take_map(names::MAP_LB4_REVNAT)?,
             sizes,
-        )?;
-        let ipc = IpcacheWriter::new(dp.take_map(names::MAP_IPCACHE)?, sizes.ipcache)?;
+        )?
+        .with_metrics(&metrics);
+        let ipc = IpcacheWriter::new(dp.take_map(names::MAP_IPCACHE)?, sizes.ipcache)?
+            .with_metrics(&metrics);
         let policy = PolicyWriter::new(
             dp.take_map(names::MAP_ENDPOINTS)?,
             dp.take_map(names::MAP_POLICY)?,
             sizes.endpoints,
             sizes.policy,
-        )?;
+        )?
+        .with_metrics(&metrics);
         let ct = CtGc::new(dp.take_map(names::MAP_CT)?)?;
         let ring = dp.take_map(names::MAP_FLOW_EVENTS)?;
         let drops = dp.take_map(names::MAP_DROP_COUNTERS)?;
-        let guard = GuardWriter::new(dp.take_map(names::MAP_ENCRYPT_GUARD)?)?;
+        let guard =
+            GuardWriter::new(dp.take_map(names::MAP_ENCRYPT_GUARD)?)?.with_metrics(&metrics);
 
         dp.attach_socket_lb(&cgroup)?;
         dp.remove_stale_versions();
@@ -121,6 +110,16 @@ impl DatapathAgent {
         }));
         let flows = FlowHub::new(4096);
         let mut tasks = Vec::new();
+        tasks.push(AbortOnDrop(tokio::spawn(endpoints::reconcile(
+            state.clone(),
+            dp,
+            policy,
+            status.clone(),
+        ))));
+        tasks.push(AbortOnDrop(tokio::spawn(follow_guard(
+            state.clone(),
+            guard,
+        ))));
         tasks.push(AbortOnDrop(tokio::spawn(reconcile(
             state,
             synced,
@@ -141,61 +140,38 @@ impl DatapathAgent {
         Ok(Self {
             status,
             flows,
-            policy: Arc::new(Mutex::new(policy)),
-            datapath: Arc::new(Mutex::new(dp)),
-            guard: Mutex::new(Some(guard)),
             _tasks: tasks,
         })
     }
 
     pub fn status(&self) -> DatapathStatus {
-        let mut s = self
-            .status
+        self.status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        s.endpoints = self
-            .policy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .endpoints()
-            .count();
-        s
+            .clone()
     }
 
     pub fn flows(&self) -> FlowHub {
         self.flows.clone()
     }
+}
 
-    /// Mirrors strict encryption's routing decisions into the guard map, so flows the routes
-    /// drop (no WireGuard peer) show as drops with a reason. Call once, with the encryption
-    /// agent's pass results.
-    pub fn follow_encryption(
-        &self,
-        mut applied: watch::Receiver<crate::wireguard::Applied>,
-    ) -> Option<AbortOnDrop> {
-        let mut guard = self
-            .guard
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()?;
-        Some(AbortOnDrop(tokio::spawn(async move {
-            loop {
-                let routes = applied.borrow_and_update().guard.clone();
-                let failed = guard.sync(&routes);
-                if failed > 0 {
-                    tracing::warn!(failed, "encryption guard entries not written");
-                }
-                if applied.changed().await.is_err() {
-                    return;
-                }
-            }
-        })))
-    }
-
-    /// The loaded datapath (to attach policy programs to pods' interfaces).
-    pub fn datapath(&self) -> Arc<Mutex<Datapath>> {
-        self.datapath.clone()
+/// Mirrors strict encryption's routing decisions into the guard map, so flows the routes
+/// drop (no WireGuard peer) show as drops with a reason. Untouched while nothing routes for
+/// encryption (it may be off). Failed writes and deletes are retried until they succeed.
+async fn follow_guard(state: StateHandle, mut guard: GuardWriter) {
+    let mut versions = state.subscribe();
+    loop {
+        let seen = versions.borrow_and_update().encryption_routes;
+        let routes = state.read().encryption_routes().map(<[_]>::to_vec);
+        if let Some(routes) = routes {
+            // Failures are logged (once per entry) and counted by the map mirror.
+            guard.sync(&routes);
+        }
+        tokio::select! {
+            r = versions.wait_for(|v| v.encryption_routes != seen) => if r.is_err() { return },
+            _ = tokio::time::sleep(RETRY_INTERVAL), if guard.pending() => {}
+        }
     }
 }
 
@@ -211,6 +187,7 @@ async fn reconcile(
     let mut reported: HashSet<String> = HashSet::new();
     let mut last = None;
     let mut last_synced = false;
+    let mut retry = false;
     // The latest report of each writer (kept for status when only the other one ran).
     let (mut lr, mut ir) = (LbSyncReport::default(), IpcacheSyncReport::default());
     loop {
@@ -221,10 +198,15 @@ async fn reconcile(
         let first = last.is_none();
         let synced_now = is_synced != last_synced;
         // (Refusals and datapath-down bump the services and endpoints versions themselves.)
-        let lb_due =
-            first || synced_now || last.is_some_and(|l: Versions| l.services != v.services);
-        let ipc_due =
-            first || synced_now || last.is_some_and(|l: Versions| l.endpoints != v.endpoints);
+        // A retry tick re-runs only the writer that has failures to retry.
+        let lb_due = first
+            || synced_now
+            || last.is_some_and(|l: Versions| l.services != v.services)
+            || (retry && lb.pending());
+        let ipc_due = first
+            || synced_now
+            || last.is_some_and(|l: Versions| l.endpoints != v.endpoints)
+            || (retry && ipc.pending());
         if lb_due || ipc_due {
             let started = std::time::Instant::now();
             if lb_due {
@@ -247,27 +229,12 @@ async fn reconcile(
                 let line = format!("service {}:{}/{}: {e}", f.address, f.port, f.proto);
                 if reported.insert(line.clone()) {
                     tracing::error!("{line}");
-                    metrics
-                        .datapath_map_errors
-                        .get_or_create(&MapLabels {
-                            map: names::MAP_LB4_SERVICES.into(),
-                        })
-                        .inc();
                 }
                 errors.push(line);
             }
+            // (The ipcache mirror logs its failures itself, per prefix.)
             for (p, e) in &ir.failed {
-                let line = format!("ipcache {p}: {e}");
-                if reported.insert(line.clone()) {
-                    tracing::error!("{line}");
-                    metrics
-                        .datapath_map_errors
-                        .get_or_create(&MapLabels {
-                            map: names::MAP_IPCACHE.into(),
-                        })
-                        .inc();
-                }
-                errors.push(line);
+                errors.push(format!("ipcache {p}: {e}"));
             }
             for (map, n) in [
                 (names::MAP_LB4_SERVICES, lr.services),
@@ -287,9 +254,11 @@ async fn reconcile(
             last = Some(v);
             last_synced = is_synced;
         }
+        retry = false;
         tokio::select! {
             r = versions.changed() => if r.is_err() { return },
             r = synced.changed(), if !last_synced => if r.is_err() { return },
+            _ = tokio::time::sleep(RETRY_INTERVAL), if lb.pending() || ipc.pending() => retry = true,
         }
     }
 }

@@ -2,17 +2,13 @@
 //! applied to the state model with the same functions the manifests source uses.
 //!
 //! Each resource has its own watcher (kube-runtime: list, then watch from the list's
-//! resourceVersion, relist on `410 Gone`, backoff on errors). A relist replaces that
-//! resource's whole set when it completes, so an object deleted while the watch was down
-//! vanishes instead of lingering (Cilium's stale-backend bug). Services are applied only once
-//! every watched resource has listed, so a half-listed cluster never deletes services.
+//! resourceVersion, relist on `410 Gone`, backoff on errors) feeding a kube-runtime reflector
+//! store. A relist replaces that resource's whole set when it completes, so an object deleted
+//! while the watch was down vanishes instead of lingering (Cilium's stale-backend bug).
+//! Services are applied only once every watched resource has listed, so a half-listed cluster
+//! never deletes services.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Debug,
-    sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
-};
+use std::{fmt::Debug, hash::Hash, sync::Arc, time::Duration};
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
@@ -22,7 +18,14 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Resource, ResourceExt as _,
     api::{ApiResource, DynamicObject, GroupVersionKind},
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{
+            ObjectRef, Store,
+            store::{Writer, WriterDropped},
+        },
+        watcher,
+    },
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
@@ -134,21 +137,63 @@ pub async fn client(api_server: Option<&hyper::Uri>) -> Result<Client, K8sError>
     })
 }
 
-/// One resource's objects by `namespace/name`, as its watcher reported them.
-#[derive(Debug)]
-pub struct Cache<V> {
-    live: BTreeMap<String, V>,
-    /// Objects of a relist in progress; they replace `live` when it completes.
-    relist: Option<BTreeMap<String, V>>,
-    synced: bool,
+/// The watched objects, one kube-runtime reflector store per resource: a relist is buffered
+/// by the store's writer and replaces the store's content only when it completes. Policies
+/// are stored as the API server sends them, but only versions the policy parser accepts
+/// (see [`apply`]).
+struct Stores {
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    /// What only the node agent watches.
+    agent: Option<AgentStores>,
 }
 
-impl<V> Default for Cache<V> {
-    fn default() -> Self {
-        Self {
-            live: BTreeMap::new(),
-            relist: None,
-            synced: false,
+struct AgentStores {
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    nodes: Store<Node>,
+    /// CiliumNetworkPolicies, then CiliumClusterwideNetworkPolicies.
+    policies: [(ApiResource, Store<DynamicObject>); 2],
+}
+
+impl Stores {
+    /// Returns once every store has completed its first list; an error if a watcher is gone
+    /// first (the source is being dropped).
+    async fn ready(&self) -> Result<(), WriterDropped> {
+        self.services.wait_until_ready().await?;
+        self.endpoint_slices.wait_until_ready().await?;
+        if let Some(a) = &self.agent {
+            a.pods.wait_until_ready().await?;
+            a.namespaces.wait_until_ready().await?;
+            a.nodes.wait_until_ready().await?;
+            for (_, store) in &a.policies {
+                store.wait_until_ready().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The objects as one [`Objects`] (the type the manifests source produces too), each
+    /// resource in `namespace/name` order.
+    fn snapshot(&self) -> Objects {
+        let agent = self.agent.as_ref();
+        Objects {
+            services: sorted(&self.services),
+            endpoint_slices: sorted(&self.endpoint_slices),
+            pods: agent.map(|a| sorted(&a.pods)).unwrap_or_default(),
+            namespaces: agent.map(|a| sorted(&a.namespaces)).unwrap_or_default(),
+            nodes: agent.map(|a| sorted(&a.nodes)).unwrap_or_default(),
+            policies: agent
+                .into_iter()
+                .flat_map(|a| &a.policies)
+                .flat_map(|(ar, store)| {
+                    // Only accepted versions are stored, so none fails here.
+                    sorted(store)
+                        .into_iter()
+                        .filter_map(|obj| policy_from_dynamic(ar, &obj).ok())
+                })
+                .collect(),
+            skipped: Vec::new(),
         }
     }
 }
@@ -162,109 +207,58 @@ fn object_key<K: Resource>(obj: &K) -> String {
     )
 }
 
-impl<V: Clone> Cache<V> {
-    /// Applies one watcher event; returns whether the visible set may have changed. An
-    /// object `convert` refuses is logged and not stored; an object already stored keeps
-    /// its last accepted version (a bad edit does not silently remove a policy).
-    pub fn apply<K: Resource>(
-        &mut self,
-        what: &str,
-        event: watcher::Event<K>,
-        convert: impl Fn(K) -> Result<V, String>,
-    ) -> bool {
-        let convert = |obj: K| -> (String, Option<V>) {
-            let key = object_key(&obj);
-            match convert(obj) {
-                Ok(v) => (key, Some(v)),
-                Err(reason) => {
-                    tracing::warn!(resource = what, object = %key, %reason, "object refused");
-                    (key, None)
-                }
-            }
-        };
-        match event {
-            watcher::Event::Init => {
-                self.relist = Some(BTreeMap::new());
-                false
-            }
-            watcher::Event::InitApply(obj) => {
-                let (key, value) = convert(obj);
-                if let Some(v) = value.or_else(|| self.live.get(&key).cloned()) {
-                    self.relist.get_or_insert_default().insert(key, v);
-                }
-                false
-            }
-            watcher::Event::InitDone => {
-                self.live = self.relist.take().unwrap_or_default();
-                self.synced = true;
-                true
-            }
-            watcher::Event::Apply(obj) => match convert(obj) {
-                (key, Some(v)) => {
-                    self.live.insert(key, v);
-                    true
-                }
-                (_, None) => false,
-            },
-            watcher::Event::Delete(obj) => self.live.remove(&object_key(&obj)).is_some(),
-        }
-    }
-
-    pub fn synced(&self) -> bool {
-        self.synced
-    }
-
-    pub fn values(&self) -> impl Iterator<Item = &V> {
-        self.live.values()
-    }
+/// A store's objects in `namespace/name` order (a store iterates in hash order).
+fn sorted<K>(store: &Store<K>) -> Vec<K>
+where
+    K: Resource + Clone,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    let mut objects: Vec<K> = store.state().iter().map(|o| K::clone(o)).collect();
+    objects.sort_by_cached_key(object_key);
+    objects
 }
 
-/// Every resource's cache.
-#[derive(Debug, Default)]
-pub struct Caches {
-    pub services: Cache<Service>,
-    pub endpoint_slices: Cache<EndpointSlice>,
-    pub pods: Cache<Pod>,
-    pub namespaces: Cache<Namespace>,
-    pub nodes: Cache<Node>,
-    pub network_policies: Cache<CiliumPolicy>,
-    pub clusterwide_policies: Cache<CiliumPolicy>,
-}
-
-impl Caches {
-    /// Whether every resource of `set` has completed its first list.
-    pub fn synced(&self, set: &WatchSet) -> bool {
-        let services = self.services.synced() && self.endpoint_slices.synced();
-        match set {
-            WatchSet::ServiceExport => services,
-            WatchSet::Agent { .. } => {
-                services
-                    && self.pods.synced()
-                    && self.namespaces.synced()
-                    && self.nodes.synced()
-                    && self.network_policies.synced()
-                    && self.clusterwide_policies.synced()
-            }
+/// Applies one watcher event to a store; returns whether the visible set may have changed.
+/// An object `check` refuses is logged and not stored; an object already stored keeps its
+/// last accepted version (a bad edit does not silently remove a policy).
+fn apply<K>(
+    writer: &mut Writer<K>,
+    dyntype: &K::DynamicType,
+    what: &str,
+    event: watcher::Event<K>,
+    check: impl Fn(&K) -> Result<(), String>,
+) -> bool
+where
+    K: Resource + Clone,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    let stored = |obj: &K| {
+        writer
+            .as_reader()
+            .get(&ObjectRef::from_obj_with(obj, dyntype.clone()))
+    };
+    let refused = |obj: &K| match check(obj) {
+        Ok(()) => false,
+        Err(reason) => {
+            tracing::warn!(resource = what, object = %object_key(obj), %reason, "object refused");
+            true
         }
-    }
-
-    /// The objects as one [`Objects`] (the type the manifests source produces too).
-    pub fn snapshot(&self) -> Objects {
-        Objects {
-            services: self.services.values().cloned().collect(),
-            endpoint_slices: self.endpoint_slices.values().cloned().collect(),
-            pods: self.pods.values().cloned().collect(),
-            namespaces: self.namespaces.values().cloned().collect(),
-            nodes: self.nodes.values().cloned().collect(),
-            policies: self
-                .network_policies
-                .values()
-                .chain(self.clusterwide_policies.values())
-                .cloned()
-                .collect(),
-            skipped: Vec::new(),
+    };
+    let (event, changed) = match event {
+        watcher::Event::Apply(obj) if refused(&obj) => return false,
+        watcher::Event::InitApply(obj) if refused(&obj) => match stored(&obj) {
+            Some(kept) => (watcher::Event::InitApply(K::clone(&kept)), false),
+            None => return false,
+        },
+        watcher::Event::Delete(obj) => {
+            let changed = stored(&obj).is_some();
+            (watcher::Event::Delete(obj), changed)
         }
-    }
+        e @ (watcher::Event::Init | watcher::Event::InitApply(_)) => (e, false),
+        e @ (watcher::Event::InitDone | watcher::Event::Apply(_)) => (e, true),
+    };
+    writer.apply_watcher_event(&event);
+    changed
 }
 
 /// The `cilium.io/v2` resource of a policy kind.
@@ -277,7 +271,7 @@ pub fn policy_api_resource(kind: &str, plural: &str) -> ApiResource {
 
 /// A policy as the API server returns it → [`CiliumPolicy`], through the same parser and
 /// validation as a manifest. List items may lack `apiVersion`/`kind`; they come from `ar`.
-pub fn policy_from_dynamic(ar: &ApiResource, obj: DynamicObject) -> Result<CiliumPolicy, String> {
+pub fn policy_from_dynamic(ar: &ApiResource, obj: &DynamicObject) -> Result<CiliumPolicy, String> {
     let mut doc = serde_json::Map::new();
     doc.insert("apiVersion".into(), ar.api_version.clone().into());
     doc.insert("kind".into(), ar.kind.clone().into());
@@ -285,28 +279,16 @@ pub fn policy_from_dynamic(ar: &ApiResource, obj: DynamicObject) -> Result<Ciliu
         "metadata".into(),
         serde_json::json!({"name": obj.metadata.name, "namespace": obj.metadata.namespace}),
     );
-    if let serde_json::Value::Object(data) = obj.data {
+    if let serde_json::Value::Object(data) = &obj.data {
         doc.extend(
-            data.into_iter()
-                .filter(|(k, _)| k == "spec" || k == "specs"),
+            data.iter()
+                .filter(|(k, _)| *k == "spec" || *k == "specs")
+                .map(|(k, v)| (k.clone(), v.clone())),
         );
     }
     let value = serde_yaml_ng::to_value(serde_json::Value::Object(doc))
         .map_err(|e| format!("converting the object: {e}"))?;
     CiliumPolicy::from_value(value)
-}
-
-struct Shared {
-    caches: Mutex<Caches>,
-    changed: Notify,
-}
-
-impl Shared {
-    fn caches(&self) -> MutexGuard<'_, Caches> {
-        // A panic while holding the lock cannot leave a cache half-updated in a way later
-        // events do not repair (each event replaces whole entries), so poisoning is ignored.
-        self.caches.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 /// Coalesces bursts of events (initial lists, rollouts) into one snapshot.
@@ -323,91 +305,66 @@ impl ApiSource {
     /// Starts the watchers of `set` and keeps the local cluster's services in `state` equal
     /// to the cluster's.
     pub fn spawn(client: Client, set: WatchSet, state: StateHandle, cluster_id: u32) -> Self {
-        let shared = Arc::new(Shared {
-            caches: Mutex::new(Caches::default()),
-            changed: Notify::new(),
-        });
-        let mut tasks = vec![
-            spawn_watch(
-                Api::<Service>::all(client.clone()),
-                watcher::Config::default(),
-                "services",
-                shared.clone(),
-                |c| &mut c.services,
-                Ok,
-            ),
-            spawn_watch(
-                Api::<EndpointSlice>::all(client.clone()),
-                watcher::Config::default(),
-                "endpointslices",
-                shared.clone(),
-                |c| &mut c.endpoint_slices,
-                Ok,
-            ),
-        ];
-        if let WatchSet::Agent { node } = &set {
-            tasks.push(spawn_watch(
-                Api::<Pod>::all(client.clone()),
-                watcher::Config::default().fields(&format!("spec.nodeName={node}")),
-                "pods",
-                shared.clone(),
-                |c| &mut c.pods,
-                Ok,
-            ));
-            tasks.push(spawn_watch(
-                Api::<Namespace>::all(client.clone()),
-                watcher::Config::default(),
-                "namespaces",
-                shared.clone(),
-                |c| &mut c.namespaces,
-                Ok,
-            ));
-            tasks.push(spawn_watch(
-                Api::<Node>::all(client.clone()),
-                watcher::Config::default().fields(&format!("metadata.name={node}")),
-                "nodes",
-                shared.clone(),
-                |c| &mut c.nodes,
-                Ok,
-            ));
-            for (kind, plural, pick) in [
-                (
-                    "CiliumNetworkPolicy",
-                    "ciliumnetworkpolicies",
-                    (|c| &mut c.network_policies) as fn(&mut Caches) -> &mut Cache<CiliumPolicy>,
-                ),
-                (
-                    "CiliumClusterwideNetworkPolicy",
-                    "ciliumclusterwidenetworkpolicies",
-                    |c| &mut c.clusterwide_policies,
-                ),
-            ] {
-                let ar = policy_api_resource(kind, plural);
-                tasks.push(spawn_watch(
-                    Api::<DynamicObject>::all_with(client.clone(), &ar),
-                    watcher::Config::default(),
-                    plural,
-                    shared.clone(),
-                    pick,
-                    move |obj| policy_from_dynamic(&ar, obj),
-                ));
-            }
-        }
+        let mut w = Watchers {
+            client,
+            changed: Arc::new(Notify::new()),
+            tasks: Vec::new(),
+        };
+        let all = watcher::Config::default;
+        let stores = Stores {
+            services: w.watch("services", all(), (), accept),
+            endpoint_slices: w.watch("endpointslices", all(), (), accept),
+            agent: match &set {
+                WatchSet::ServiceExport => None,
+                WatchSet::Agent { node } => Some(AgentStores {
+                    pods: w.watch(
+                        "pods",
+                        all().fields(&format!("spec.nodeName={node}")),
+                        (),
+                        accept,
+                    ),
+                    namespaces: w.watch("namespaces", all(), (), accept),
+                    nodes: w.watch(
+                        "nodes",
+                        all().fields(&format!("metadata.name={node}")),
+                        (),
+                        accept,
+                    ),
+                    policies: [
+                        ("CiliumNetworkPolicy", "ciliumnetworkpolicies"),
+                        (
+                            "CiliumClusterwideNetworkPolicy",
+                            "ciliumclusterwidenetworkpolicies",
+                        ),
+                    ]
+                    .map(|(kind, plural)| {
+                        let ar = policy_api_resource(kind, plural);
+                        let parse = ar.clone();
+                        let store = w.watch(plural, all(), ar.clone(), move |obj| {
+                            policy_from_dynamic(&parse, obj).map(drop)
+                        });
+                        (ar, store)
+                    }),
+                }),
+            },
+        };
+        let Watchers {
+            changed, mut tasks, ..
+        } = w;
 
         let (objects_tx, objects) = watch::channel(Objects::default());
         let (synced_tx, synced) = watch::channel(false);
         tasks.push(AbortOnDrop(tokio::spawn(async move {
+            // Services are applied only once every watched resource has listed, so a
+            // half-listed cluster never deletes services.
+            if stores.ready().await.is_err() {
+                return;
+            }
             let mut applied = Default::default();
             loop {
-                shared.changed.notified().await;
+                changed.notified().await;
                 tokio::time::sleep(DEBOUNCE).await;
-                let snapshot = {
-                    let caches = shared.caches();
-                    caches.synced(&set).then(|| caches.snapshot())
-                };
-                let Some(snapshot) = snapshot else {
-                    continue;
-                };
+                let snapshot = stores.snapshot();
                 applied = snapshot.apply_services(&state, cluster_id, &applied);
                 if !*synced_tx.borrow() {
                     tracing::info!(
@@ -456,43 +413,60 @@ fn watch_error_hint(e: &watcher::Error) -> &'static str {
     }
 }
 
-fn spawn_watch<K, V>(
-    api: Api<K>,
-    config: watcher::Config,
-    what: &'static str,
-    shared: Arc<Shared>,
-    pick: fn(&mut Caches) -> &mut Cache<V>,
-    convert: impl Fn(K) -> Result<V, String> + Send + 'static,
-) -> AbortOnDrop
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    V: Clone + Send + 'static,
-{
-    AbortOnDrop(tokio::spawn(async move {
-        let mut stream = watcher(api, config).default_backoff().boxed();
-        let mut last_error = String::new();
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(event) => {
-                    // Server-side-apply bookkeeping is large and never read.
-                    let event = event.modify(|o| o.managed_fields_mut().clear());
-                    let changed = pick(&mut shared.caches()).apply(what, event, &convert);
-                    if changed {
-                        shared.changed.notify_one();
+/// Starts watchers, each filling its own store and signalling `changed`.
+struct Watchers {
+    client: Client,
+    changed: Arc<Notify>,
+    tasks: Vec<AbortOnDrop>,
+}
+
+/// The `check` of resources stored as they come.
+fn accept<K>(_: &K) -> Result<(), String> {
+    Ok(())
+}
+
+impl Watchers {
+    fn watch<K>(
+        &mut self,
+        what: &'static str,
+        config: watcher::Config,
+        dyntype: K::DynamicType,
+        check: impl Fn(&K) -> Result<(), String> + Send + 'static,
+    ) -> Store<K>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Eq + Hash + Clone + Send + Sync,
+    {
+        let api = Api::<K>::all_with(self.client.clone(), &dyntype);
+        let mut writer = Writer::new(dyntype.clone());
+        let store = writer.as_reader();
+        let changed = self.changed.clone();
+        self.tasks.push(AbortOnDrop(tokio::spawn(async move {
+            let mut stream = watcher(api, config).default_backoff().boxed();
+            let mut last_error = String::new();
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(event) => {
+                        // Server-side-apply bookkeeping is large and never read.
+                        let event = event.modify(|o| o.managed_fields_mut().clear());
+                        if apply(&mut writer, &dyntype, what, event, &check) {
+                            changed.notify_one();
+                        }
+                        last_error.clear();
                     }
-                    last_error.clear();
-                }
-                Err(e) => {
-                    let text = e.to_string();
-                    // Logged once per distinct error, not on every backoff retry.
-                    if text != last_error {
-                        tracing::warn!(resource = what, error = %text, hint = watch_error_hint(&e), "Kubernetes watch failed");
-                        last_error = text;
+                    Err(e) => {
+                        let text = e.to_string();
+                        // Logged once per distinct error, not on every backoff retry.
+                        if text != last_error {
+                            tracing::warn!(resource = what, error = %text, hint = watch_error_hint(&e), "Kubernetes watch failed");
+                            last_error = text;
+                        }
                     }
                 }
             }
-        }
-    }))
+        })));
+        store
+    }
 }
 
 #[cfg(test)]
@@ -507,52 +481,73 @@ mod tests {
         .unwrap()
     }
 
+    type Check = fn(&Service) -> Result<(), String>;
+
+    fn feed(w: &mut Writer<Service>, check: Check, event: watcher::Event<Service>) -> bool {
+        apply(w, &(), "services", event, check)
+    }
+
+    /// `name@resourceVersion` of what the store holds, in snapshot order.
+    fn held(w: &Writer<Service>) -> Vec<String> {
+        sorted(&w.as_reader())
+            .into_iter()
+            .map(|s| {
+                let m = s.metadata;
+                format!(
+                    "{}@{}",
+                    m.name.unwrap_or_default(),
+                    m.resource_version.unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
     #[test]
     fn a_relist_drops_what_vanished_while_disconnected() {
         use watcher::Event::*;
-        let mut c: Cache<Service> = Cache::default();
-        assert!(!c.apply("services", Init, Ok));
-        assert!(!c.apply("services", InitApply(svc("a", "1")), Ok));
-        assert!(!c.apply("services", InitApply(svc("b", "1")), Ok));
-        assert!(!c.synced());
-        assert!(c.apply("services", InitDone, Ok));
-        assert!(c.synced());
-        assert_eq!(c.values().count(), 2);
+        let mut w = Writer::default();
+        let ok: Check = accept;
+        assert!(!feed(&mut w, ok, Init));
+        assert!(!feed(&mut w, ok, InitApply(svc("b", "1"))));
+        assert!(!feed(&mut w, ok, InitApply(svc("a", "1"))));
+        assert!(held(&w).is_empty());
+        assert!(feed(&mut w, ok, InitDone));
+        assert_eq!(held(&w), ["a@1", "b@1"]);
         // Watch lost; `b` was deleted meanwhile; the relist does not mention it.
-        c.apply("services", Init, Ok);
-        c.apply("services", InitApply(svc("a", "2")), Ok);
+        feed(&mut w, ok, Init);
+        feed(&mut w, ok, InitApply(svc("a", "2")));
         // Until the relist completes, the old view stays whole.
-        assert_eq!(c.values().count(), 2);
-        c.apply("services", InitDone, Ok);
-        let names: Vec<_> = c.values().filter_map(|s| s.metadata.name.clone()).collect();
-        assert_eq!(names, ["a"]);
-        assert!(c.apply("services", Delete(svc("a", "3")), Ok));
-        assert_eq!(c.values().count(), 0);
-        assert!(!c.apply("services", Delete(svc("a", "3")), Ok));
+        assert_eq!(held(&w), ["a@1", "b@1"]);
+        feed(&mut w, ok, InitDone);
+        assert_eq!(held(&w), ["a@2"]);
+        assert!(feed(&mut w, ok, Delete(svc("a", "3"))));
+        assert!(held(&w).is_empty());
+        assert!(!feed(&mut w, ok, Delete(svc("a", "3"))));
     }
 
     #[test]
     fn a_refused_update_keeps_the_last_accepted_version() {
         use watcher::Event::*;
-        let refuse_rv2 = |s: Service| match s.metadata.resource_version.as_deref() {
+        let refuse_rv2: Check = |s| match s.metadata.resource_version.as_deref() {
             Some("2") => Err("bad".to_owned()),
-            _ => Ok(s),
+            _ => Ok(()),
         };
-        let mut c: Cache<Service> = Cache::default();
-        c.apply("services", Apply(svc("a", "1")), refuse_rv2);
-        assert!(!c.apply("services", Apply(svc("a", "2")), refuse_rv2));
-        assert_eq!(
-            c.values()
-                .next()
-                .unwrap()
-                .metadata
-                .resource_version
-                .as_deref(),
-            Some("1")
-        );
+        let mut w = Writer::default();
+        feed(&mut w, refuse_rv2, Apply(svc("a", "1")));
+        assert!(!feed(&mut w, refuse_rv2, Apply(svc("a", "2"))));
+        assert_eq!(held(&w), ["a@1"]);
+        // A relist keeps it too.
+        feed(&mut w, refuse_rv2, Init);
+        feed(&mut w, refuse_rv2, InitApply(svc("a", "2")));
+        feed(&mut w, refuse_rv2, InitDone);
+        assert_eq!(held(&w), ["a@1"]);
         // A new object that is refused is not stored at all.
-        assert!(!c.apply("services", Apply(svc("b", "2")), refuse_rv2));
-        assert_eq!(c.values().count(), 1);
+        assert!(!feed(&mut w, refuse_rv2, Apply(svc("b", "2"))));
+        feed(&mut w, refuse_rv2, Init);
+        feed(&mut w, refuse_rv2, InitApply(svc("a", "1")));
+        feed(&mut w, refuse_rv2, InitApply(svc("c", "2")));
+        feed(&mut w, refuse_rv2, InitDone);
+        assert_eq!(held(&w), ["a@1"]);
     }
 
     #[test]
@@ -572,7 +567,7 @@ mod tests {
             "status": {"conditions": []}
         }))
         .unwrap();
-        let p = policy_from_dynamic(&ar, obj).unwrap();
+        let p = policy_from_dynamic(&ar, &obj).unwrap();
         assert_eq!(p.display_name(), "default/cross-cluster-db-access");
         assert_eq!(p.rules().count(), 1);
 
@@ -584,7 +579,7 @@ mod tests {
             "metadata": {"name": "no-selector"}, "spec": {"ingress": []}
         }))
         .unwrap();
-        let err = policy_from_dynamic(&ccnp, bad).unwrap_err();
+        let err = policy_from_dynamic(&ccnp, &bad).unwrap_err();
         assert!(err.contains("endpointSelector"), "{err}");
     }
 

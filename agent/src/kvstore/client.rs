@@ -12,13 +12,16 @@ use etcd_client::{
 };
 use tracing::debug;
 
+use super::backoff::Backoff;
 use super::config::EtcdConfig;
-use super::lease::Lease;
-use super::{KvstoreError, Result};
+use super::error::{KvstoreError, Result};
 
 /// Where the system trust store lives on Debian-like systems; used for `https://` endpoints
 /// when the config names no CA (Go's clientv3 would use the system roots too).
 const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Keys per page of a paginated list (Cilium's `etcd.limit`).
+pub const LIST_PAGE_LIMIT: i64 = 256;
 
 /// Connection tuning. The defaults follow Cilium where it has a value (gRPC keepalive 15 s ping,
 /// 25 s timeout).
@@ -147,7 +150,7 @@ impl EtcdClient {
     /// answers, saying so, with a backoff from 200 ms to 10 s. Containers and their etcd
     /// sidecar start in any order.
     pub async fn connect_retrying(cfg: &EtcdConfig) -> Self {
-        let mut backoff = super::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             match Self::connect(cfg).await {
                 Ok(client) => return client,
@@ -361,33 +364,11 @@ impl EtcdClient {
             });
         }
         let mut kv = self.inner.kv_client();
-        let opts = DeleteOptions::new().with_range(super::prefix_range_end(prefix.as_bytes()));
+        let opts = DeleteOptions::new().with_prefix();
         let resp = self
             .call("delete-prefix", prefix, kv.delete(prefix, Some(opts)))
             .await?;
         Ok(resp.deleted())
-    }
-
-    /// Grants a lease of `ttl` (whole seconds, at least 1) and starts keeping it alive.
-    pub async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
-        let ttl_secs = ttl.as_secs().max(1) as i64;
-        let mut lease = self.inner.lease_client();
-        let resp = self
-            .call("lease-grant", "", lease.grant(ttl_secs, None))
-            .await?;
-        if !resp.error().is_empty() {
-            return Err(KvstoreError::Request {
-                op: "lease-grant",
-                key: String::new(),
-                endpoints: self.endpoints.to_string(),
-                reason: resp.error().to_owned(),
-            });
-        }
-        Ok(Lease::start(
-            self.clone(),
-            resp.id(),
-            Duration::from_secs(resp.ttl().max(1) as u64),
-        ))
     }
 
     /// Revokes a lease by ID (its keys are deleted).
@@ -400,12 +381,11 @@ impl EtcdClient {
 
     /// Every key under `prefix`, read page by page at one revision.
     pub async fn list_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>> {
-        let end = super::prefix_range_end(prefix.as_bytes());
         let mut start = prefix.as_bytes().to_vec();
         let (mut revision, mut out) = (0, Vec::new());
         loop {
             let page = self
-                .range_page(&start, &end, revision, super::listwatch::LIST_PAGE_LIMIT)
+                .range_page(prefix.as_bytes(), &start, revision, LIST_PAGE_LIMIT)
                 .await?;
             revision = page.revision;
             out.extend(page.kvs);
@@ -419,19 +399,20 @@ impl EtcdClient {
         }
     }
 
-    /// One page of Cilium's paginated list: keys in `[start, end)`, ascending, serializable, at
-    /// `revision` (0 = newest), at most `limit`.
+    /// One page of Cilium's paginated list of `prefix`: keys from `start` (the prefix itself,
+    /// then the last key of the previous page + `\0`) to the prefix's end, ascending,
+    /// serializable, at `revision` (0 = newest), at most `limit`.
     pub(crate) async fn range_page(
         &self,
+        prefix: &[u8],
         start: &[u8],
-        end: &[u8],
         revision: i64,
         limit: i64,
     ) -> Result<RangePage> {
         // etcd-client (like Go's clientv3) sends sort_order NONE for key-ascending: it is the
         // server's natural order and spares it a full-range sort.
         let opts = GetOptions::new()
-            .with_range(end)
+            .with_range(prefix_range_end(prefix))
             .with_limit(limit)
             .with_revision(revision)
             .with_serializable()
@@ -447,19 +428,48 @@ impl EtcdClient {
         })
     }
 
-    /// Opens a watch on `[key, end)` from `start_revision` (no prev_kv, no filters).
-    pub(crate) async fn watch_range(
+    /// Opens a watch on every key under `prefix` from `start_revision` (no prev_kv, no
+    /// filters).
+    pub(crate) async fn watch_prefix(
         &self,
-        key: &[u8],
-        end: &[u8],
+        prefix: &str,
         start_revision: i64,
     ) -> Result<WatchStream> {
         let opts = WatchOptions::new()
-            .with_range(end)
+            .with_prefix()
             .with_start_revision(start_revision);
         let mut watch = self.inner.watch_client();
-        let label = String::from_utf8_lossy(key);
-        self.call("watch", &label, watch.watch(key, Some(opts)))
+        self.call("watch", prefix, watch.watch(prefix, Some(opts)))
             .await
+    }
+}
+
+/// End of the key range covering every key starting with `prefix` (etcd's "prefix end": the
+/// prefix with its last byte below 0xff incremented and the rest cut; `"\0"`, no upper bound,
+/// when there is none). etcd-client's `with_prefix()` computes the same from the request's own
+/// key, which fits a watch or a delete but not the later pages of a list: they start after the
+/// prefix yet must end where the prefix does, and etcd-client keeps its helper private.
+fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_range_end;
+
+    #[test]
+    fn prefix_range_end_increments_last_byte() {
+        assert_eq!(prefix_range_end(b"a/"), b"a0");
+        assert_eq!(prefix_range_end(b"cilium/.heartbeat"), b"cilium/.heartbeau");
+        assert_eq!(prefix_range_end(b"a\xff"), b"b");
+        assert_eq!(prefix_range_end(b"\xff\xff"), b"\0");
+        assert_eq!(prefix_range_end(b""), b"\0");
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use super::{KvstoreError, Result};
+use super::error::{KvstoreError, Result};
 
 /// Substring that makes a file in the clustermesh directory count as a cluster config (the same
 /// test Cilium and cilium-cli apply; CA/cert/key files in the same secret never contain it).
@@ -36,7 +36,7 @@ pub struct EtcdConfig {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     /// Parsed so that a config asking for it is refused at connect time instead of silently
-    /// verifying (or silently not verifying): see [`super::EtcdClient::connect`].
+    /// verifying (or silently not verifying): see `EtcdClient::connect`.
     pub insecure_skip_tls_verify: bool,
     /// etcd username/password authentication (clientv3 `username` / `password`).
     pub username: Option<String>,

@@ -10,9 +10,9 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use super::client::EtcdClient;
-pub use super::keys::HEARTBEAT_PATH;
+use super::error::{KvstoreError, Result};
 use super::listwatch::{ListWatcher, WatchEvent, WatcherStats};
-use super::{KvstoreError, Result};
+pub use crate::wire::keys::HEARTBEAT_PATH;
 
 /// How often clustermesh-apiserver writes the heartbeat.
 pub const HEARTBEAT_WRITE_INTERVAL: Duration = Duration::from_secs(60);

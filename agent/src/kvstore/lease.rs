@@ -10,9 +10,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::Result;
 use super::backoff::Backoff;
 use super::client::{EtcdClient, describe};
+use super::error::{KvstoreError, Result};
 
 /// What the keepalive task knows about the lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +39,29 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub(crate) fn start(client: EtcdClient, id: i64, ttl: Duration) -> Self {
+    /// Grants a lease of `ttl` (whole seconds, at least 1) and starts keeping it alive.
+    pub async fn grant(client: &EtcdClient, ttl: Duration) -> Result<Self> {
+        let ttl_secs = ttl.as_secs().max(1) as i64;
+        let mut lease = client.raw().lease_client();
+        let resp = client
+            .call("lease-grant", "", lease.grant(ttl_secs, None))
+            .await?;
+        if !resp.error().is_empty() {
+            return Err(KvstoreError::Request {
+                op: "lease-grant",
+                key: String::new(),
+                endpoints: client.endpoints().to_owned(),
+                reason: resp.error().to_owned(),
+            });
+        }
+        Ok(Self::start(
+            client.clone(),
+            resp.id(),
+            Duration::from_secs(resp.ttl().max(1) as u64),
+        ))
+    }
+
+    fn start(client: EtcdClient, id: i64, ttl: Duration) -> Self {
         let state = Arc::new(watch::Sender::new(LeaseState::Alive));
         let task = tokio::spawn(keepalive(client.clone(), id, ttl, state.clone()));
         Self {

@@ -26,11 +26,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use super::backoff::{Backoff, LIST_BACKOFF_MAX, LIST_BACKOFF_MIN};
-use super::client::{EtcdClient, KeyValue, describe};
-use super::prefix_range_end;
-
-/// Cilium's `etcd.limit`.
-pub const LIST_PAGE_LIMIT: i64 = 256;
+use super::client::{EtcdClient, KeyValue, LIST_PAGE_LIMIT, describe};
 
 /// Delay before re-creating a watch whose stream ended without error.
 const REWATCH_DELAY: Duration = Duration::from_millis(50);
@@ -139,7 +135,6 @@ impl ListWatcher {
         let (tx, rx) = mpsc::channel(options.channel_capacity.max(1));
         let shared = Arc::new(Shared::default());
         let worker = Worker {
-            end: prefix_range_end(prefix.as_bytes()),
             prefix: prefix.clone(),
             backoff: Backoff::new(options.backoff_min, options.backoff_max),
             page_limit: options.page_limit.max(1),
@@ -204,7 +199,6 @@ enum WatchEnd {
 struct Worker {
     client: EtcdClient,
     prefix: String,
-    end: Vec<u8>,
     page_limit: i64,
     backoff: Backoff,
     tx: mpsc::Sender<WatchEvent>,
@@ -271,7 +265,7 @@ impl Worker {
         loop {
             let page = match self
                 .client
-                .range_page(&start, &self.end, revision, self.page_limit)
+                .range_page(self.prefix.as_bytes(), &start, revision, self.page_limit)
                 .await
             {
                 Ok(p) => p,
@@ -330,7 +324,7 @@ impl Worker {
     async fn watch(&mut self, mut next_revision: i64) -> WatchEnd {
         loop {
             let created = tokio::select! {
-                r = self.client.watch_range(self.prefix.as_bytes(), &self.end, next_revision) => r,
+                r = self.client.watch_prefix(&self.prefix, next_revision) => r,
                 _ = self.tx.closed() => return WatchEnd::Gone,
             };
             let mut stream = match created {

@@ -82,7 +82,7 @@ async fn lead(
     state: &StateHandle,
     ttl: Duration,
 ) -> anyhow::Result<()> {
-    let lease: Lease = local.grant_lease(ttl).await?;
+    let lease = Lease::grant(local, ttl).await?;
     // Blocks until elected (no request timeout: waiting is the point).
     local
         .raw()

@@ -142,7 +142,7 @@ async fn publish_own_config(local: EtcdClient, name: String, id: u32, options: M
     };
     loop {
         let published = async {
-            let lease = local.grant_lease(options.lease_ttl).await?;
+            let lease = Lease::grant(&local, options.lease_ttl).await?;
             local.put(&key, value.clone(), Some(lease.id())).await?;
             Ok::<_, crate::kvstore::KvstoreError>(lease)
         }
@@ -229,9 +229,7 @@ impl Mirror {
             |_| {},
         )
         .await?;
-        let lease = self
-            .local
-            .grant_lease(self.options.lease_ttl)
+        let lease = Lease::grant(&self.local, self.options.lease_ttl)
             .await
             .map_err(|e| e.to_string())?;
         let cached = config.cached_copy().encode().map_err(|e| e.to_string())?;

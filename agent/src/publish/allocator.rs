@@ -60,7 +60,7 @@ impl IdentityAllocator {
         node: &str,
         ttl: Duration,
     ) -> Result<Self, AllocatorError> {
-        let lease = client.grant_lease(ttl).await?;
+        let lease = Lease::grant(&client, ttl).await?;
         Ok(Self {
             client,
             cluster: cluster.into(),

@@ -6,7 +6,7 @@ use std::{net::IpAddr, time::Duration};
 
 use ipnet::IpNet;
 
-use crate::kvstore::{Backoff, EtcdClient};
+use crate::kvstore::{Backoff, EtcdClient, Lease};
 use crate::wire::{self, KvNode, NodeAddress, keys};
 
 /// Annotation Cilium puts the WireGuard public key in.
@@ -67,7 +67,7 @@ pub async fn publish_node(client: EtcdClient, node: LocalNode, ttl: Duration) {
     };
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     loop {
-        let lease = match client.grant_lease(ttl).await {
+        let lease = match Lease::grant(&client, ttl).await {
             Ok(lease) => lease,
             Err(e) => {
                 tracing::warn!(%key, error = %e, "cannot grant a lease for the local node; retrying");
@@ -101,7 +101,7 @@ pub struct EndpointPublisher {
 }
 
 struct Published {
-    lease: crate::kvstore::Lease,
+    lease: Lease,
     entries: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
@@ -122,7 +122,7 @@ impl EndpointPublisher {
         node: LocalNode,
         ttl: Duration,
     ) -> Result<Self, crate::kvstore::KvstoreError> {
-        let lease = client.grant_lease(ttl).await?;
+        let lease = Lease::grant(&client, ttl).await?;
         Ok(Self {
             client,
             node,
@@ -194,7 +194,7 @@ impl EndpointPublisher {
     }
 
     async fn republish(&self) -> Result<usize, crate::kvstore::KvstoreError> {
-        let lease = self.client.grant_lease(self.ttl).await?;
+        let lease = Lease::grant(&self.client, self.ttl).await?;
         let mut inner = self.inner.lock().await;
         for (key, value) in &inner.entries {
             self.client

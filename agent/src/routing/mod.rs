@@ -10,6 +10,7 @@
 //! configured supernets), so a missing peer never sends pod traffic in clear via the default
 //! route. The drop is silent for flow visibility today: flow events for these drops come
 //! later, with the eBPF datapath.
+//!
 
 pub mod netns;
 pub mod plan;
@@ -25,7 +26,7 @@ use netlink_packet_route::{
     AddressFamily,
     address::AddressAttribute,
     link::{LinkAttribute, LinkFlags},
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
+    route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
 };
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use serde::Serialize;
@@ -35,11 +36,12 @@ pub use plan::{DesiredRoute, RouteInputs, RoutePlan, RouteTarget, plan_routes};
 
 use crate::{
     constants::{RTPROT_STRAIT, WIREGUARD_MTU_OVERHEAD},
+    hostnet::{route_destination, route_ip, route_table},
     netns::NetnsError,
 };
 
 /// The main routing table (`RT_TABLE_MAIN`).
-pub const MAIN_TABLE: u32 = 254;
+pub use crate::hostnet::MAIN_TABLE;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingConfig {
@@ -622,11 +624,11 @@ impl RouteReconciler {
                 .map_err(|source| self.dump_err("routes", source))?;
             for m in msgs {
                 if m.header.protocol != RouteProtocol::Other(RTPROT_STRAIT)
-                    || table(&m) != self.cfg.table
+                    || route_table(&m) != self.cfg.table
                 {
                     continue;
                 }
-                let Some(prefix) = destination(&m) else {
+                let Some(prefix) = route_destination(&m) else {
                     continue;
                 };
                 let oif = m.attributes.iter().find_map(|a| match a {
@@ -634,7 +636,7 @@ impl RouteReconciler {
                     _ => None,
                 });
                 let src = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::PrefSource(a) => ip_of(a),
+                    RouteAttribute::PrefSource(a) => route_ip(a),
                     _ => None,
                 });
                 let priority = m
@@ -679,41 +681,6 @@ fn same_route(have: &Installed, want: &DesiredRoute, oif: u32) -> bool {
         }
         RouteTarget::Unreachable => have.kind == RouteType::Unreachable,
     }
-}
-
-fn table(m: &RouteMessage) -> u32 {
-    m.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(m.header.table))
-}
-
-fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        _ => None,
-    }
-}
-
-fn destination(m: &RouteMessage) -> Option<IpNet> {
-    let len = m.header.destination_prefix_length;
-    let addr = m
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Destination(a) => ip_of(a),
-            _ => None,
-        })
-        .or(match m.header.address_family {
-            AddressFamily::Inet => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-            AddressFamily::Inet6 => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
-            _ => None,
-        })?;
-    IpNet::new(addr, len).ok()
 }
 
 /// Whether a netlink request failed with `errno`.

@@ -1,12 +1,14 @@
 //! The in-memory state model: nodes, endpoints (ipcache), identities and services with
 //! per-cluster backends, plus per-cluster standing (refused for overlapping CIDRs, datapath
-//! down). Plain Rust, testable without etcd or a kernel.
+//! down), and this node's own pods with their policy ([`local`]). Plain Rust, testable
+//! without etcd or a kernel.
 //!
 //! Sources (kvstore watchers, the Kubernetes/manifests source) write through
 //! [`StateHandle::update`]; reconcilers (eBPF maps, WireGuard peers, routes) are
 //! level-triggered: they [`StateHandle::subscribe`] to per-kind version counters, and on a
 //! change read the views they need and diff against what they own.
 
+pub mod local;
 pub mod overlap;
 pub mod services;
 pub mod types;
@@ -20,6 +22,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 use tokio::sync::watch;
 
+pub use local::{EncryptionRoute, HostInterface, LocalEndpoint};
 pub use overlap::Overlap;
 pub use services::{SelectedBackend, ServiceView};
 pub use types::*;
@@ -31,6 +34,8 @@ pub struct Versions {
     pub endpoints: u64,
     pub identities: u64,
     pub services: u64,
+    pub local_endpoints: u64,
+    pub encryption_routes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -39,6 +44,19 @@ struct Dirty {
     endpoints: bool,
     identities: bool,
     services: bool,
+    local_endpoints: bool,
+    encryption_routes: bool,
+}
+
+impl Dirty {
+    fn any(&self) -> bool {
+        self.nodes
+            || self.endpoints
+            || self.identities
+            || self.services
+            || self.local_endpoints
+            || self.encryption_routes
+    }
 }
 
 /// A cluster's standing in the mesh.
@@ -84,6 +102,9 @@ pub struct StateModel {
     endpoints: BTreeMap<(ClusterName, IpNet), Endpoint>,
     identities: BTreeMap<u32, Identity>,
     services: BTreeMap<ServiceName, BTreeMap<ClusterName, ClusterService>>,
+    /// This node's pods, by (namespace, name).
+    local_endpoints: BTreeMap<(String, String), LocalEndpoint>,
+    encryption_routes: Option<Vec<EncryptionRoute>>,
     dirty: Dirty,
     /// Pod CIDRs changed: refusals are recomputed once per update batch, in `settle`.
     refusals_dirty: bool,
@@ -101,6 +122,8 @@ impl StateModel {
             endpoints: BTreeMap::new(),
             identities: BTreeMap::new(),
             services: BTreeMap::new(),
+            local_endpoints: BTreeMap::new(),
+            encryption_routes: None,
             dirty: Dirty::default(),
             refusals_dirty: false,
             counts: HashMap::new(),
@@ -417,12 +440,14 @@ impl StateHandle {
             model.settle();
             (result, std::mem::take(&mut model.dirty))
         };
-        if dirty.nodes || dirty.endpoints || dirty.identities || dirty.services {
+        if dirty.any() {
             self.versions.send_modify(|v| {
                 v.nodes += u64::from(dirty.nodes);
                 v.endpoints += u64::from(dirty.endpoints);
                 v.identities += u64::from(dirty.identities);
                 v.services += u64::from(dirty.services);
+                v.local_endpoints += u64::from(dirty.local_endpoints);
+                v.encryption_routes += u64::from(dirty.encryption_routes);
             });
         }
         result

@@ -1,7 +1,8 @@
 //! [`EncryptionAgent`]: the level-triggered loop from the state model to WireGuard peers and
 //! routes. On every nodes/endpoints version change (and every resync interval, and after a
 //! failure with backoff) it plans from the whole model and reconciles the device and the route
-//! table by diff, so missed or coalesced notifications never matter.
+//! table by diff, so missed or coalesced notifications never matter. What the routes do with
+//! each prefix goes back into the state model, for the datapath's encryption guard.
 
 use std::{sync::Arc, time::Duration};
 
@@ -49,9 +50,6 @@ pub struct Applied {
     pub routes: usize,
     /// Set when the pass failed (it is retried with backoff).
     pub error: Option<String>,
-    /// Routed prefixes: into the device (true) or strict `unreachable` (false).
-    #[serde(skip)]
-    pub guard: Vec<(ipnet::IpNet, bool)>,
 }
 
 impl Applied {
@@ -230,6 +228,7 @@ async fn run(
                 0
             }
         };
+        state.update(|m| m.set_encryption_routes(guard));
         generation += 1;
         let error = (!errors.is_empty()).then(|| errors.join("; "));
         if let Some(e) = &error {
@@ -243,7 +242,6 @@ async fn run(
             peers: plan.peers.len(),
             routes: route_count,
             error: error.clone(),
-            guard,
         });
         let wait = if error.is_some() {
             let w = backoff;

@@ -596,20 +596,6 @@ mod tests {
         assert_eq!(plan.peers.len(), 2);
     }
 
-    /// Collects formatted log lines.
-    #[derive(Clone, Default)]
-    struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Logs {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_bad_key_is_logged_once_while_it_lasts() {
         let (mut m, k1, _, _) = model();
@@ -621,14 +607,10 @@ mod tests {
             "10.5.0.0/24",
             Some("AAAA".into()),
         ));
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
+        let logs = crate::testlog::Logs::default();
+        let subscriber = logs.subscriber();
         let count = || {
-            String::from_utf8_lossy(&logs.0.lock().unwrap())
+            logs.text()
                 .matches("node c2/bad publishes an invalid WireGuard public key")
                 .count()
         };

@@ -1,8 +1,9 @@
 //! Local endpoints: the pods of this node, from the local source, turned into what the rest
 //! of the mesh and the datapath need. For each pod with an IPv4 address: its identity (from
 //! Cilium's label rules, allocated in the cluster's kvstore), its ipcache entry (published
-//! for every node and cluster), and — when the datapath runs — the policy programs on its
-//! host-side interface with the entries its policies translate to.
+//! for every node and cluster), and its local endpoint in the state model: the host-side
+//! interface once there is one, and the entries its policies translate to (the datapath
+//! enforces them).
 //!
 //! The host-side interface is the one the node routes the pod's /32 to (what a CNI plugin
 //! sets up), read from the routing table.
@@ -10,29 +11,29 @@
 use std::{
     collections::{BTreeMap, HashSet},
     net::Ipv4Addr,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
 
+use super::{
+    allocator::IdentityAllocator,
+    publisher::{self, EndpointPublisher},
+};
 use crate::{
-    datapath::{Datapath, policy::EndpointSpec, policy::PolicyWriter},
+    hostnet::{self, HostnetError},
     identity::LabelArray,
     k8s::{Objects, labels::pod_identity_labels},
-    policy::translate,
-    publish::{
-        allocator::IdentityAllocator,
-        publisher::{EndpointPublisher, LocalEndpoint},
-    },
-    state::StateHandle,
+    policy::{EndpointPolicy, translate},
+    state::{HostInterface, LocalEndpoint, StateHandle},
 };
 
 /// How often interfaces are looked for again (a pod's veth may appear after its object).
 const RESCAN: Duration = Duration::from_secs(1);
 
-/// A local pod as the manager tracks it.
+/// A local pod as the source tracks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct LocalPod {
     namespace: String,
@@ -41,19 +42,12 @@ struct LocalPod {
     labels: LabelArray,
 }
 
-/// The datapath parts the manager drives (absent when the datapath is off).
-pub struct DatapathHooks {
-    pub datapath: Arc<Mutex<Datapath>>,
-    pub policy: Arc<Mutex<PolicyWriter>>,
-}
-
-pub struct EndpointManager {
+pub struct EndpointSource {
     pub cluster: String,
     pub node: String,
     pub allocator: IdentityAllocator,
     pub publisher: Arc<EndpointPublisher>,
     pub state: StateHandle,
-    pub datapath: Option<DatapathHooks>,
 }
 
 /// Pods of `node` with an IPv4 address, with their identity labels.
@@ -87,26 +81,24 @@ fn local_pods(objects: &Objects, node: &str, cluster: &str) -> Vec<LocalPod> {
         .collect()
 }
 
-/// Host-side interface the node routes `ip/32` to, from /proc/net/route (this process's
-/// network namespace).
-pub fn host_interface(ip: Ipv4Addr) -> Option<String> {
-    let table = std::fs::read_to_string("/proc/net/route").ok()?;
-    let want = format!("{:08X}", u32::from_ne_bytes(ip.octets()));
-    table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() > 7 && f[1] == want && f[7] == "FFFFFFFF").then(|| f[0].to_owned())
-    })
+/// Host-side interface the node routes `ip/32` to (this process's network namespace).
+pub async fn host_interface(ip: Ipv4Addr) -> Result<Option<HostInterface>, HostnetError> {
+    let Some(ifindex) = hostnet::host_route_ifindex(ip).await? else {
+        return Ok(None);
+    };
+    let name = hostnet::ifname(ifindex)?;
+    Ok(Some(HostInterface { name, ifindex }))
 }
 
 struct Tracked {
     pod: LocalPod,
     identity: u32,
-    /// Host-side ifindex once found and attached.
-    ifindex: Option<u32>,
-    spec: Option<EndpointSpec>,
+    interface: Option<HostInterface>,
+    /// What the state model holds for the pod (`None`: to be translated and written).
+    written: Option<LocalEndpoint>,
 }
 
-impl EndpointManager {
+impl EndpointSource {
     /// Runs until dropped: follows `objects` and the identities known to the state model.
     pub async fn run(self, mut objects: watch::Receiver<Objects>) {
         let mut tracked: BTreeMap<(String, String), Tracked> = BTreeMap::new();
@@ -114,15 +106,20 @@ impl EndpointManager {
         let mut reported: HashSet<String> = HashSet::new();
         let mut tick = tokio::time::interval(RESCAN);
         // Policies are translated again only when objects or identities changed; a tick only
-        // retries what is not programmed yet (a pod whose veth appeared, a failed allocation).
+        // retries what is not done yet (a pod whose veth appeared, a failed allocation).
         let mut changed = true;
         loop {
+            // Before the identities are read: a change while translating wakes the next pass.
+            let identities = versions.borrow_and_update().identities;
             let current = objects.borrow_and_update().clone();
             self.sync_pods(&current, &mut tracked).await;
-            self.sync_datapath(&current, &mut tracked, &mut reported, changed);
+            self.sync_model(&current, &mut tracked, &mut reported, changed)
+                .await;
             changed = tokio::select! {
                 r = objects.changed() => if r.is_err() { return } else { true },
-                r = versions.changed() => if r.is_err() { return } else { true },
+                r = versions.wait_for(|v| v.identities != identities) => {
+                    if r.is_err() { return } else { true }
+                }
                 _ = tick.tick() => false,
             };
         }
@@ -138,7 +135,7 @@ impl EndpointManager {
             .iter()
             .map(|p| (p.namespace.clone(), p.name.clone()))
             .collect();
-        // Gone pods: withdraw, release, detach.
+        // Gone pods: withdraw, release, and out of the model (the datapath detaches).
         let gone: Vec<(String, String)> = tracked
             .keys()
             .filter(|k| !wanted.contains(*k))
@@ -152,18 +149,8 @@ impl EndpointManager {
             if let Err(e) = self.allocator.release(&t.pod.labels).await {
                 tracing::warn!(error = %e, "releasing identity");
             }
-            if let (Some(hooks), Some(ifindex)) = (&self.datapath, t.ifindex) {
-                hooks
-                    .policy
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove_endpoint(ifindex);
-                hooks
-                    .datapath
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .detach_endpoint(ifindex);
-            }
+            self.state
+                .update(|m| m.delete_local_endpoint(&key.0, &key.1));
             tracing::info!(pod = %format!("{}/{}", key.0, key.1), "endpoint removed");
         }
         for pod in pods {
@@ -178,7 +165,7 @@ impl EndpointManager {
                     continue;
                 }
             };
-            let ep = LocalEndpoint {
+            let ep = publisher::LocalEndpoint {
                 ip: pod.ip.into(),
                 identity,
                 namespace: pod.namespace.clone(),
@@ -190,33 +177,85 @@ impl EndpointManager {
                 continue;
             }
             tracing::info!(pod = %format!("{}/{}", key.0, key.1), ip = %pod.ip, identity, "endpoint published");
-            let previous = tracked.remove(&key);
+            let interface = tracked.remove(&key).and_then(|t| t.interface);
             tracked.insert(
                 key,
                 Tracked {
                     pod,
                     identity,
-                    ifindex: previous.as_ref().and_then(|p| p.ifindex),
-                    spec: None,
+                    interface,
+                    written: None,
                 },
             );
         }
     }
 
-    fn sync_datapath(
+    /// Writes the tracked pods into the state model: interface and translated policy.
+    async fn sync_model(
         &self,
         objects: &Objects,
         tracked: &mut BTreeMap<(String, String), Tracked>,
         reported: &mut HashSet<String>,
         changed: bool,
     ) {
-        let Some(hooks) = &self.datapath else { return };
-        if !changed && tracked.values().all(|t| t.spec.is_some()) {
+        if !changed
+            && tracked
+                .values()
+                .all(|t| t.written.is_some() && t.interface.is_some())
+        {
             return;
         }
-        let universe: Vec<(u32, LabelArray)> = {
-            let model = self.state.read();
-            model
+        let mut universe = None;
+        let mut updates = Vec::new();
+        for ((ns, name), t) in tracked.iter_mut() {
+            if t.interface.is_none() {
+                t.interface = match host_interface(t.pod.ip).await {
+                    Ok(i) => i,
+                    Err(e) => {
+                        if reported.insert(format!("route to {ns}/{name}: {e}")) {
+                            tracing::error!(pod = %format!("{ns}/{name}"), error = %e, "cannot read the route to the pod");
+                        }
+                        None
+                    }
+                };
+            }
+            let policy = match &t.written {
+                Some(w) if !changed => w.policy.clone(),
+                _ => self.translate(objects, &t.pod, &mut universe, reported),
+            };
+            let ep = LocalEndpoint {
+                namespace: ns.clone(),
+                name: name.clone(),
+                ip: t.pod.ip,
+                identity: t.identity,
+                interface: t.interface.clone(),
+                policy,
+            };
+            if t.written.as_ref() != Some(&ep) {
+                t.written = Some(ep.clone());
+                updates.push(ep);
+            }
+        }
+        if !updates.is_empty() {
+            self.state.update(|m| {
+                for ep in updates {
+                    m.upsert_local_endpoint(ep);
+                }
+            });
+        }
+    }
+
+    /// `pod`'s policy; `universe` (the identities known mesh-wide) is read on first use.
+    fn translate(
+        &self,
+        objects: &Objects,
+        pod: &LocalPod,
+        universe: &mut Option<Vec<(u32, LabelArray)>>,
+        reported: &mut HashSet<String>,
+    ) -> EndpointPolicy {
+        let universe = universe.get_or_insert_with(|| {
+            self.state
+                .read()
                 .identities()
                 // The model holds validated label lists only; none fails here.
                 .filter_map(|i| {
@@ -226,66 +265,19 @@ impl EndpointManager {
                     ))
                 })
                 .collect()
-        };
-        for ((ns, name), t) in tracked.iter_mut() {
-            if !changed && t.spec.is_some() {
-                continue;
-            }
-            let ifindex = match t.ifindex {
-                Some(i) => i,
-                None => {
-                    let Some(iface) = host_interface(t.pod.ip) else {
-                        continue; // no route to the pod yet
-                    };
-                    let mut dp = hooks.datapath.lock().unwrap_or_else(|p| p.into_inner());
-                    let attached = crate::datapath::loader::ifindex(&iface)
-                        .and_then(|i| dp.attach_endpoint(&iface).map(|()| i));
-                    match attached {
-                        Ok(i) => {
-                            tracing::info!(pod = %format!("{ns}/{name}"), iface, ifindex = i, "policy attached");
-                            t.ifindex = Some(i);
-                            i
-                        }
-                        Err(e) => {
-                            if reported.insert(format!("attach {ns}/{name}: {e}")) {
-                                tracing::error!(pod = %format!("{ns}/{name}"), iface, error = %e, "cannot attach policy");
-                            }
-                            continue;
-                        }
-                    }
-                }
-            };
-            // The labels carry the cluster label already (pod_identity_labels adds it).
-            let policy = translate(&objects.policies, &t.pod.labels, &universe, &self.cluster);
-            for u in &policy.unsupported {
-                let line = format!("{ns}/{name}: policy {}: {}", u.policy, u.rule);
-                if reported.insert(line.clone()) {
-                    tracing::warn!("not enforced as written: {line}");
-                }
-            }
-            let spec = EndpointSpec {
-                ifindex,
-                address: t.pod.ip,
-                identity: t.identity,
-                policy,
-            };
-            if t.spec.as_ref() == Some(&spec) {
-                continue;
-            }
-            let result = hooks
-                .policy
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .set_endpoint(&spec);
-            match result {
-                Ok(()) => t.spec = Some(spec),
-                Err(e) => {
-                    if reported.insert(format!("policy {ns}/{name}: {e}")) {
-                        tracing::error!(pod = %format!("{ns}/{name}"), error = %e, "cannot program policy");
-                    }
-                }
+        });
+        // The labels carry the cluster label already (pod_identity_labels adds it).
+        let policy = translate(&objects.policies, &pod.labels, universe, &self.cluster);
+        for u in &policy.unsupported {
+            let line = format!(
+                "{}/{}: policy {}: {}",
+                pod.namespace, pod.name, u.policy, u.rule
+            );
+            if reported.insert(line.clone()) {
+                tracing::warn!("not enforced as written: {line}");
             }
         }
+        policy
     }
 }
 
@@ -328,9 +320,10 @@ spec: {nodeName: usa-1, containers: [{name: c, image: x}]}
         );
     }
 
-    #[test]
-    fn host_interface_reads_host_routes_only() {
-        // Loopback has no /32 route in the main table of any namespace we run in.
-        assert_eq!(host_interface(Ipv4Addr::new(198, 18, 255, 254)), None);
+    #[tokio::test]
+    async fn host_interface_reads_host_routes_only() {
+        // Nothing routes this benchmarking address as a /32.
+        let found = host_interface(Ipv4Addr::new(198, 18, 255, 254)).await;
+        assert_eq!(found.unwrap(), None);
     }
 }

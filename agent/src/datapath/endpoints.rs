@@ -1,0 +1,109 @@
+//! The local endpoints' reconciler: keeps the per-pod policy programs and the `ENDPOINTS` /
+//! `POLICY` maps equal to the state model's local endpoints. It is the only writer of both
+//! maps and the only one attaching the programs to pods' host-side interfaces.
+
+use std::{
+    collections::{BTreeMap, HashSet, btree_map::Entry},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use super::{Datapath, DatapathStatus, policy::EndpointSpec, policy::PolicyWriter};
+use crate::state::StateHandle;
+
+/// How often what could not be attached or programmed is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// An endpoint as the state model wants it.
+struct Desired {
+    /// `namespace/name`, for logs.
+    pod: String,
+    iface: String,
+    spec: EndpointSpec,
+}
+
+pub(super) async fn reconcile(
+    state: StateHandle,
+    mut datapath: Datapath,
+    mut policy: PolicyWriter,
+    status: Arc<Mutex<DatapathStatus>>,
+) {
+    let mut versions = state.subscribe();
+    // Interfaces with the programs attached, with what their maps hold (`None`: nothing yet).
+    let mut attached: BTreeMap<u32, Option<EndpointSpec>> = BTreeMap::new();
+    let mut reported: HashSet<String> = HashSet::new();
+    loop {
+        let seen = versions.borrow_and_update().local_endpoints;
+        // Endpoints without an interface yet have nothing to attach to.
+        let desired: BTreeMap<u32, Desired> = state
+            .read()
+            .local_endpoints()
+            .filter_map(|ep| {
+                let i = ep.interface.as_ref()?;
+                let desired = Desired {
+                    pod: format!("{}/{}", ep.namespace, ep.name),
+                    iface: i.name.clone(),
+                    spec: EndpointSpec {
+                        ifindex: i.ifindex,
+                        address: ep.ip,
+                        identity: ep.identity,
+                        policy: ep.policy.clone(),
+                    },
+                };
+                Some((i.ifindex, desired))
+            })
+            .collect();
+        // Something wanted is not in place: retried on a timer.
+        let mut pending = false;
+        // Gone: not enforced any more, then detached.
+        let gone: Vec<u32> = attached
+            .keys()
+            .filter(|i| !desired.contains_key(i))
+            .copied()
+            .collect();
+        for ifindex in gone {
+            policy.remove_endpoint(ifindex);
+            datapath.detach_endpoint(ifindex);
+            attached.remove(&ifindex);
+        }
+        for (ifindex, d) in desired {
+            let programmed = match attached.entry(ifindex) {
+                Entry::Occupied(a) => a.into_mut(),
+                Entry::Vacant(slot) => match datapath.attach_endpoint(&d.iface) {
+                    Ok(()) => {
+                        tracing::info!(pod = %d.pod, iface = d.iface, ifindex, "policy attached");
+                        slot.insert(None)
+                    }
+                    Err(e) => {
+                        if reported.insert(format!("attach {}: {e}", d.pod)) {
+                            tracing::error!(pod = %d.pod, iface = d.iface, error = %e, "cannot attach policy");
+                        }
+                        pending = true;
+                        continue;
+                    }
+                },
+            };
+            if programmed.as_ref() == Some(&d.spec) {
+                continue;
+            }
+            match policy.set_endpoint(&d.spec) {
+                Ok(()) => *programmed = Some(d.spec),
+                Err(e) => {
+                    if reported.insert(format!("policy {}: {e}", d.pod)) {
+                        tracing::error!(pod = %d.pod, error = %e, "cannot program policy");
+                    }
+                    pending = true;
+                }
+            }
+        }
+        // Deletes of removed pods' entries that failed are retried here (writes are retried
+        // through `set_endpoint` above, since `programmed` stays behind).
+        policy.retry_deletes();
+        pending |= policy.pending();
+        status.lock().unwrap_or_else(|p| p.into_inner()).endpoints = policy.endpoints().count();
+        tokio::select! {
+            r = versions.wait_for(|v| v.local_endpoints != seen) => if r.is_err() { return },
+            _ = tokio::time::sleep(RETRY), if pending => {}
+        }
+    }
+}

@@ -70,7 +70,21 @@ impl Objects {
             "EndpointSlice" => self
                 .endpoint_slices
                 .push(serde_yaml_ng::from_value(value).map_err(e)?),
-            "Pod" => self.pods.push(serde_yaml_ng::from_value(value).map_err(e)?),
+            "Pod" => {
+                let mut pod: Pod = serde_yaml_ng::from_value(value).map_err(e)?;
+                // The API server's ServiceAccount admission names `default` when the pod
+                // names none; manifests skip admission, so do it here (the pod's identity
+                // carries the service account).
+                if let Some(spec) = pod.spec.as_mut()
+                    && spec
+                        .service_account_name
+                        .as_deref()
+                        .is_none_or(str::is_empty)
+                {
+                    spec.service_account_name = Some("default".into());
+                }
+                self.pods.push(pod);
+            }
             "Namespace" => self
                 .namespaces
                 .push(serde_yaml_ng::from_value(value).map_err(e)?),
@@ -164,5 +178,28 @@ mod tests {
             ["10.1.0.0/24", "fd00:1::/64"]
         );
         assert!(o.node_pod_cidrs("usa-2").is_empty());
+    }
+
+    #[test]
+    fn manifest_pods_get_the_default_service_account_as_admission_gives_it() {
+        let mut o = Objects::default();
+        o.add_yaml(
+            "test",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: []}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: b}\nspec: {serviceAccountName: pay, containers: []}\n",
+        );
+        let sa: Vec<_> = o
+            .pods
+            .iter()
+            .map(|p| {
+                p.spec
+                    .as_ref()
+                    .unwrap()
+                    .service_account_name
+                    .clone()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(sa, ["default", "pay"]);
     }
 }

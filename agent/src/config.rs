@@ -9,7 +9,9 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::{constants, datapath::DatapathSection, k8s::LocalSourceConfig};
+use crate::{
+    constants, datapath::DatapathSection, k8s::LocalSourceConfig, mesh::limits::RemoteLimits,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -36,6 +38,8 @@ pub struct AgentConfig {
     pub kvstore_config: PathBuf,
     #[serde(default = "default_clustermesh_dir")]
     pub clustermesh_config_dir: PathBuf,
+    #[serde(default)]
+    pub clustermesh: ClustermeshSection,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
     #[serde(default = "default_api_socket")]
@@ -56,6 +60,15 @@ pub struct AgentConfig {
     /// API server). Absent: the manifests directory if set, else no local source.
     #[serde(default)]
     pub kubernetes: Option<KubernetesSection>,
+}
+
+/// `clustermesh:` — how remote clusters are consumed.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClustermeshSection {
+    /// What each remote cluster may make this agent hold.
+    #[serde(default)]
+    pub limits: RemoteLimits,
 }
 
 /// `kubernetes:` — the local source of Services, EndpointSlices, Pods, Namespaces, this Node
@@ -303,6 +316,23 @@ kvstoreConfig: /etc/strait/etcd.yaml
         assert_eq!(c.node_name(), "usa-1");
         assert!(c.wireguard.enabled && c.wireguard.strict && !c.wireguard.node_encryption);
         assert_eq!(c.wireguard.device, constants::WIREGUARD_DEVICE);
+        assert_eq!(c.clustermesh.limits, RemoteLimits::default());
+    }
+
+    #[test]
+    fn clustermesh_limits_are_configurable() {
+        let parse =
+            |extra: &str| AgentConfig::parse(Path::new("t.yaml"), &format!("{MINIMAL}{extra}"));
+        let c = parse("clustermesh: {limits: {maxIdentities: 10, maxValueBytes: 512}}\n").unwrap();
+        assert_eq!(
+            c.clustermesh.limits,
+            RemoteLimits {
+                max_identities: 10,
+                max_value_bytes: 512,
+                ..RemoteLimits::default()
+            }
+        );
+        assert!(parse("clustermesh: {limits: {maxPods: 1}}\n").is_err());
     }
 
     #[test]

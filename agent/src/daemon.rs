@@ -313,7 +313,7 @@ pub async fn run(
         crate::constants::NODE_LEASE_TTL,
     ));
 
-    let mesh = Arc::new(ClusterMesh::spawn(
+    let mesh = Arc::new(ClusterMesh::spawn_with_limits(
         config.clustermesh_config_dir.clone(),
         LocalCluster {
             name: config.cluster.name.clone(),
@@ -323,6 +323,7 @@ pub async fn run(
         state.clone(),
         metrics.clone(),
         RemoteTiming::default(),
+        config.clustermesh.limits,
     ));
 
     let sync_signal = tokio::spawn(signal_initial_sync(

@@ -12,6 +12,7 @@ use std::{
 use tokio::task::JoinHandle;
 
 use super::{
+    limits::{ClusterLimits, RemoteLimits},
     remote::{
         LocalCluster, PresentKeys, RemoteCluster, RemoteClusterStatus, RemoteHandle, RemoteTiming,
     },
@@ -48,12 +49,31 @@ impl Drop for ClusterMesh {
 }
 
 impl ClusterMesh {
+    /// A mesh with the default [`RemoteLimits`].
     pub fn spawn(
         config_dir: PathBuf,
         local: LocalCluster,
         state: StateHandle,
         metrics: Metrics,
         timing: RemoteTiming,
+    ) -> Self {
+        Self::spawn_with_limits(
+            config_dir,
+            local,
+            state,
+            metrics,
+            timing,
+            RemoteLimits::default(),
+        )
+    }
+
+    pub fn spawn_with_limits(
+        config_dir: PathBuf,
+        local: LocalCluster,
+        state: StateHandle,
+        metrics: Metrics,
+        timing: RemoteTiming,
+        limits: RemoteLimits,
     ) -> Self {
         let remotes: Arc<Mutex<BTreeMap<String, Entry>>> = Arc::default();
         let invalid: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
@@ -105,6 +125,7 @@ impl ClusterMesh {
                         state: state.clone(),
                         metrics: metrics.clone(),
                         timing: timing.clone(),
+                        limits,
                         present: present.clone(),
                     }
                     .spawn();
@@ -156,6 +177,7 @@ pub struct LocalClusterWatch {
 impl LocalClusterWatch {
     pub fn spawn(client: &EtcdClient, cluster: &str, state: StateHandle, metrics: Metrics) -> Self {
         let synced = Arc::new(SyncFlags::default());
+        let limits = Arc::new(ClusterLimits::new(None));
         // Local services come from the Kubernetes source, not the kvstore.
         synced
             .services
@@ -169,6 +191,7 @@ impl LocalClusterWatch {
                     origin: Origin::Local,
                     state: state.clone(),
                     metrics: metrics.clone(),
+                    limits: limits.clone(),
                 };
                 let sync = KindSync::new(source, kind, synced.clone(), Arc::default());
                 let (watcher, rx) =

@@ -13,7 +13,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use super::sync::{ClusterSource, KindSync, Origin, SyncFlags};
+use super::{
+    limits::{ClusterLimits, RemoteLimits},
+    sync::{ClusterSource, KindSync, Origin, SyncFlags},
+};
 use crate::{
     identity::MaxConnectedClusters,
     kvstore::{EtcdClient, EtcdConfig, HeartbeatTracker, ListWatcher, WatchEvent},
@@ -115,6 +118,7 @@ pub struct RemoteHandle {
     status: Arc<Mutex<RemoteClusterStatus>>,
     synced: Arc<Mutex<Arc<SyncFlags>>>,
     state: StateHandle,
+    limits: Arc<ClusterLimits>,
 }
 
 impl RemoteHandle {
@@ -147,6 +151,13 @@ impl RemoteHandle {
             && s.config.as_ref().is_some_and(|c| c.retrieved)
             && flags.all()
             && s.error.is_none();
+        // Refused keys are an error to show, but the rest of the cluster stays in use.
+        if let Some(summary) = self.limits.summary() {
+            s.error = Some(match s.error.take() {
+                Some(e) => format!("{e}; {summary}"),
+                None => summary,
+            });
+        }
         s
     }
 }
@@ -174,6 +185,7 @@ pub struct RemoteCluster {
     pub state: StateHandle,
     pub metrics: Metrics,
     pub timing: RemoteTiming,
+    pub limits: RemoteLimits,
     pub present: PresentKeys,
 }
 
@@ -189,12 +201,14 @@ impl RemoteCluster {
         }));
         let synced = Arc::new(Mutex::new(Arc::new(SyncFlags::default())));
         let state = self.state.clone();
-        let task = tokio::spawn(self.run(status.clone(), synced.clone()));
+        let limits = Arc::new(ClusterLimits::new(Some(self.limits)));
+        let task = tokio::spawn(self.run(status.clone(), synced.clone(), limits.clone()));
         RemoteHandle {
             task,
             status,
             synced,
             state,
+            limits,
         }
     }
 
@@ -202,13 +216,14 @@ impl RemoteCluster {
         self,
         status: Arc<Mutex<RemoteClusterStatus>>,
         synced: Arc<Mutex<Arc<SyncFlags>>>,
+        limits: Arc<ClusterLimits>,
     ) {
         let labels = ClusterLabels {
             cluster: self.name.clone(),
         };
         let mut failures: u32 = 0;
         loop {
-            match self.session(&status, &synced).await {
+            match self.session(&status, &synced, &limits).await {
                 // Sessions only end by failing; the watchers inside reconnect on their own.
                 Ok(never) => match never {},
                 Err(reason) => {
@@ -237,6 +252,7 @@ impl RemoteCluster {
         &self,
         status: &Mutex<RemoteClusterStatus>,
         synced_slot: &Mutex<Arc<SyncFlags>>,
+        limits: &Arc<ClusterLimits>,
     ) -> Result<std::convert::Infallible, Failure> {
         let set = |f: &dyn Fn(&mut RemoteClusterStatus)| {
             f(&mut status.lock().unwrap_or_else(|e| e.into_inner()))
@@ -305,7 +321,7 @@ impl RemoteCluster {
             (Some(w), Some(rx))
         } else {
             for kind in pending.drain(..) {
-                watchers.push(self.start_kind(&client, kind, cached, &origin, &flags));
+                watchers.push(self.start_kind(&client, kind, cached, &origin, &flags, limits));
             }
             (None, None)
         };
@@ -325,7 +341,7 @@ impl RemoteCluster {
                             for kind in ready {
                                 tracing::info!(cluster = %self.name, %kind, "sync canary seen: watching");
                                 pending.retain(|k| *k != kind);
-                                watchers.push(self.start_kind(&client, kind, cached, &origin, &flags));
+                                watchers.push(self.start_kind(&client, kind, cached, &origin, &flags, limits));
                             }
                         }
                     }
@@ -400,6 +416,7 @@ impl RemoteCluster {
         cached: bool,
         origin: &Origin,
         flags: &Arc<SyncFlags>,
+        limits: &Arc<ClusterLimits>,
     ) -> ListWatcher {
         let present = self
             .present
@@ -414,6 +431,7 @@ impl RemoteCluster {
             origin: origin.clone(),
             state: self.state.clone(),
             metrics: self.metrics.clone(),
+            limits: limits.clone(),
         };
         let sync = KindSync::new(source, kind, flags.clone(), present);
         let (watcher, rx) =

@@ -1,6 +1,7 @@
 //! Applying one cluster's kvstore events to the state model: decode with the rules that fit
 //! where the data comes from (our own cluster, or a remote one), convert, update. Rejected
-//! values are logged once per key and reason, counted, and never touch other entries.
+//! values are logged once per key and reason (within the cluster's log budget), counted, and
+//! never touch other entries; a remote's [`limits`](super::limits) cap what it makes us hold.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -10,7 +11,10 @@ use std::{
     },
 };
 
-use super::convert;
+use super::{
+    convert,
+    limits::{ClusterLimits, LimitError, LogAdmit, Refused},
+};
 use crate::{
     kvstore::WatchEvent,
     metrics::Metrics,
@@ -71,6 +75,7 @@ pub struct ClusterSource {
     pub origin: Origin,
     pub state: StateHandle,
     pub metrics: Metrics,
+    pub limits: Arc<ClusterLimits>,
 }
 
 /// Applies the events of one data kind of one cluster.
@@ -90,6 +95,9 @@ pub struct KindSync {
     listing: Option<HashSet<String>>,
     /// Keys currently refused, with the reason last logged (so each is logged once).
     rejected: HashMap<String, String>,
+    limits: Arc<ClusterLimits>,
+    /// Keys currently refused by a limit.
+    limited: HashMap<String, LimitError>,
 }
 
 impl KindSync {
@@ -105,6 +113,7 @@ impl KindSync {
             origin,
             state,
             metrics,
+            limits,
         } = source;
         Self {
             cluster,
@@ -117,6 +126,8 @@ impl KindSync {
             present,
             listing: Some(HashSet::new()),
             rejected: HashMap::new(),
+            limits,
+            limited: HashMap::new(),
         }
     }
 
@@ -148,6 +159,14 @@ impl KindSync {
                 self.apply_one(m, event);
             }
         });
+        let mut refused = Refused::default();
+        for e in self.limited.values() {
+            match e {
+                LimitError::OverLimit { .. } => refused.over_limit += 1,
+                LimitError::ValueTooLarge { .. } => refused.too_large += 1,
+            }
+        }
+        self.limits.set_refused(self.kind, refused);
     }
 
     fn apply_one(&mut self, m: &mut StateModel, event: WatchEvent) {
@@ -177,6 +196,20 @@ impl KindSync {
                 if let Some(listed) = &mut self.listing {
                     listed.insert(key.clone());
                 }
+                if let Err(e) = self.admit(&key, value.len()) {
+                    self.present().remove(&key);
+                    self.limited.insert(key.clone(), e);
+                    self.reject(
+                        m,
+                        &key,
+                        &suffix,
+                        self.wire_kind(),
+                        e.reason(),
+                        e.to_string(),
+                    );
+                    return;
+                }
+                self.limited.remove(&key);
                 match self.upsert(m, &suffix, &value) {
                     Ok(()) => {
                         self.rejected.remove(&key);
@@ -185,7 +218,9 @@ impl KindSync {
                     }
                     Err(rejection) => {
                         self.present().remove(&key);
-                        self.reject(m, &key, &suffix, rejection);
+                        let text = rejection.reason.to_string();
+                        let reason = rejection.reason.as_str();
+                        self.reject(m, &key, &suffix, rejection.kind, reason, text);
                     }
                 }
             }
@@ -195,6 +230,7 @@ impl KindSync {
                 };
                 let suffix = suffix.to_owned();
                 self.rejected.remove(&key);
+                self.limited.remove(&key);
                 self.present().remove(&key);
                 self.delete(m, &suffix);
                 self.count("delete");
@@ -213,12 +249,47 @@ impl KindSync {
             .inc();
     }
 
-    fn reject(&mut self, m: &mut StateModel, key: &str, suffix: &str, rejection: Rejection) {
-        self.metrics
-            .rejected(&self.cluster, rejection.kind, rejection.reason.as_str());
-        let text = rejection.reason.to_string();
+    /// The remote's limits, for a value of `size` bytes at `key`.
+    fn admit(&self, key: &str, size: usize) -> Result<(), LimitError> {
+        let Some(limits) = self.limits.limits else {
+            return Ok(());
+        };
+        let present = self.present();
+        limits.admit(self.kind, present.contains(key), present.len(), size)
+    }
+
+    /// The kind as rejections name it (`node`, `identity`, …).
+    fn wire_kind(&self) -> &'static str {
+        match self.kind {
+            DataKind::Nodes => v::KIND_NODE,
+            DataKind::Services => v::KIND_SERVICE,
+            DataKind::Identities => v::KIND_IDENTITY,
+            DataKind::IpCache => v::KIND_IPCACHE,
+            DataKind::ServiceExports => self.kind.as_str(),
+        }
+    }
+
+    fn reject(
+        &mut self,
+        m: &mut StateModel,
+        key: &str,
+        suffix: &str,
+        kind: &'static str,
+        reason: &'static str,
+        text: String,
+    ) {
+        self.metrics.rejected(&self.cluster, kind, reason);
         if self.rejected.get(key) != Some(&text) {
-            tracing::warn!(cluster = %self.cluster, %key, kind = rejection.kind, reason = %text, "kvstore value rejected");
+            // A flood of distinct bad keys must not flood the log.
+            match self.limits.log_admit() {
+                LogAdmit::Log { suppressed } => {
+                    if suppressed > 0 {
+                        tracing::warn!(cluster = %self.cluster, "… and {suppressed} more kvstore values rejected in the last minute (not logged)");
+                    }
+                    tracing::warn!(cluster = %self.cluster, %key, kind, reason = %text, "kvstore value rejected");
+                }
+                LogAdmit::Suppress => {}
+            }
             self.rejected.insert(key.to_owned(), text);
         }
         // A value that turned invalid must not keep its old, valid version alive.
@@ -293,5 +364,125 @@ impl KindSync {
             }
             DataKind::ServiceExports => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        identity::MaxConnectedClusters,
+        mesh::limits::{ClusterLimits, RemoteLimits},
+    };
+
+    const CLUSTER: &str = "c1";
+
+    fn labels(app: &str) -> Vec<u8> {
+        format!("k8s:app={app};k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=default;")
+            .into_bytes()
+    }
+
+    fn key(id: u32) -> String {
+        DataKind::Identities.key(CLUSTER, false, &id.to_string())
+    }
+
+    fn upsert(id: u32, value: Vec<u8>) -> WatchEvent {
+        WatchEvent::Upsert {
+            key: key(id),
+            value,
+            is_create: true,
+        }
+    }
+
+    /// An identity sync of remote `c1` (cluster ID 1) capped at 2 identities and 128 bytes.
+    fn capped() -> (KindSync, StateHandle, Metrics, Arc<ClusterLimits>) {
+        let state = StateHandle::new("local", 2);
+        state.update(|m| m.register_cluster(CLUSTER, 1)).unwrap();
+        let metrics = Metrics::new();
+        let limits = Arc::new(ClusterLimits::new(Some(RemoteLimits {
+            max_identities: 2,
+            max_value_bytes: 128,
+            ..RemoteLimits::default()
+        })));
+        let source = ClusterSource {
+            cluster: CLUSTER.into(),
+            cached: false,
+            origin: Origin::Remote(RemoteContext::new(CLUSTER, 1, MaxConnectedClusters::Max255)),
+            state: state.clone(),
+            metrics: metrics.clone(),
+            limits: limits.clone(),
+        };
+        let sync = KindSync::new(source, DataKind::Identities, Arc::default(), Arc::default());
+        (sync, state, metrics, limits)
+    }
+
+    fn held(state: &StateHandle) -> Vec<u32> {
+        let m = state.read();
+        (65536..65546)
+            .filter(|id| m.identity(*id).is_some())
+            .collect()
+    }
+
+    fn rejected(metrics: &Metrics, reason: &str) -> u64 {
+        metrics
+            .kvstore_rejected
+            .get_or_create(&crate::metrics::RejectionLabels {
+                cluster: CLUSTER.into(),
+                kind: v::KIND_IDENTITY.into(),
+                reason: reason.into(),
+            })
+            .get()
+    }
+
+    #[test]
+    fn keys_over_the_cap_are_refused_counted_and_shown() {
+        let (mut sync, state, metrics, limits) = capped();
+        sync.apply_batch((65536..65540).map(|id| upsert(id, labels("a"))).collect());
+        assert_eq!(held(&state), [65536, 65537]);
+        assert_eq!(rejected(&metrics, "over-limit"), 2);
+        assert_eq!(
+            limits.summary().unwrap(),
+            "limits exceeded: identities: 2 keys over maxIdentities (2)"
+        );
+    }
+
+    #[test]
+    fn held_keys_still_update_and_deletes_free_room() {
+        let (mut sync, state, _metrics, limits) = capped();
+        sync.apply_batch((65536..65539).map(|id| upsert(id, labels("a"))).collect());
+        // An update of a held key applies at the cap.
+        sync.apply_batch(vec![upsert(65537, labels("b"))]);
+        let app = |id| {
+            state
+                .read()
+                .identity(id)
+                .map(|i| format!("{:?}", i.labels))
+                .unwrap_or_default()
+        };
+        assert!(
+            app(65537).contains("app") && app(65537).contains('b'),
+            "{}",
+            app(65537)
+        );
+        // A delete always applies, and makes room for the next new key.
+        sync.apply_batch(vec![WatchEvent::Delete { key: key(65536) }]);
+        assert_eq!(held(&state), [65537]);
+        sync.apply_batch(vec![upsert(65538, labels("a"))]);
+        assert_eq!(held(&state), [65537, 65538]);
+        assert_eq!(limits.summary(), None);
+    }
+
+    #[test]
+    fn oversized_values_are_refused_and_drop_the_old_version() {
+        let (mut sync, state, metrics, limits) = capped();
+        sync.apply_batch(vec![upsert(65536, labels("a"))]);
+        let big = labels(&"x".repeat(200));
+        sync.apply_batch(vec![upsert(65536, big.clone()), upsert(65537, big)]);
+        assert!(held(&state).is_empty());
+        assert_eq!(rejected(&metrics, "value-too-large"), 2);
+        assert_eq!(
+            limits.summary().unwrap(),
+            "limits exceeded: identities: 2 values over maxValueBytes (128)"
+        );
     }
 }

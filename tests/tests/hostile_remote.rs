@@ -1,6 +1,7 @@
 //! A remote cluster whose kvstore is written by an attacker, against a real etcd: each value
 //! that would widen access is rejected and counted per reason, the remote's valid values keep
-//! syncing, and policy never sees what was rejected.
+//! syncing, and policy never sees what was rejected. A remote that floods keys is held to
+//! the configured limits.
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use strait::{
     identity::{LabelArray, MaxConnectedClusters},
     kvstore::EtcdClient,
     mesh::{
+        limits::RemoteLimits,
         manager::ClusterMesh,
         remote::{LocalCluster, RemoteTiming},
     },
@@ -194,4 +196,141 @@ async fn hostile_remote_identities_are_rejected_and_counted_while_valid_ones_syn
     assert!(metrics.render().contains(
         r#"strait_kvstore_rejected_total{cluster="cluster-europe",kind="identity",reason="non-workload-label"} 4"#
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_flooding_identities_is_held_to_the_cap_while_other_kinds_sync() {
+    const CAP: usize = 10;
+    const FLOOD: u32 = 25;
+    let europe = EtcdServer::new();
+    let client = EtcdClient::connect(&europe.config()).await.unwrap();
+    put(
+        &client,
+        "cilium/cluster-config/cluster-europe",
+        r#"{"id":2,"capabilities":{"maxConnectedClusters":255}}"#,
+    )
+    .await;
+    for id in 131073..131073 + FLOOD {
+        put(
+            &client,
+            &format!("{IDS}/{id}"),
+            &format!("k8s:app=a{id};{CLUSTER}"),
+        )
+        .await;
+    }
+    let ip = "cilium/state/ip/v1/default";
+    for n in 1..=3 {
+        let addr = format!("10.2.0.{n}");
+        put(
+            &client,
+            &format!("{ip}/{addr}"),
+            &format!(r#"{{"IP":"{addr}","Mask":null,"HostIP":"198.18.2.1","ID":131073,"Key":255,"Metadata":""}}"#),
+        )
+        .await;
+    }
+    // One endpoint whose value is over maxValueBytes.
+    let padding = "x".repeat(600);
+    put(
+        &client,
+        &format!("{ip}/10.2.0.9"),
+        &format!(r#"{{"IP":"10.2.0.9","Mask":null,"HostIP":"198.18.2.1","ID":131073,"Key":255,"Metadata":"{padding}"}}"#),
+    )
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    europe.write_cilium_config(
+        &dir.path().join("cluster-europe"),
+        CiliumConfigOptions::default(),
+    );
+    let state = StateHandle::new("cluster-usa", 1);
+    let metrics = Metrics::new();
+    let local = LocalCluster {
+        name: "cluster-usa".into(),
+        id: 1,
+        max_connected_clusters: MaxConnectedClusters::Max255,
+    };
+    let timing = RemoteTiming {
+        config_timeout: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(1),
+        status_interval: Duration::from_millis(100),
+    };
+    let limits = RemoteLimits {
+        max_identities: CAP,
+        max_value_bytes: 512,
+        ..RemoteLimits::default()
+    };
+    let mesh = ClusterMesh::spawn_with_limits(
+        dir.path().into(),
+        local,
+        state.clone(),
+        metrics.clone(),
+        timing,
+        limits,
+    );
+    let status = || {
+        mesh.statuses()
+            .into_iter()
+            .find(|s| s.name == "cluster-europe")
+    };
+    // Refused keys are shown, but the cluster stays in use.
+    wait_for("cluster-europe ready", || status().is_some_and(|s| s.ready)).await;
+
+    let europe_ids = || {
+        state
+            .read()
+            .identities()
+            .filter(|i| i.cluster.as_ref() == "cluster-europe")
+            .count()
+    };
+    assert_eq!(europe_ids(), CAP, "exactly the cap is held");
+    let s = status().unwrap();
+    assert_eq!(s.num_identities, CAP);
+    assert_eq!(s.num_endpoints, 3, "the endpoints under their own cap sync");
+    let error = s.error.unwrap_or_default();
+    assert!(
+        error.contains("identities: 15 keys over maxIdentities (10)")
+            && error.contains("ipcache: 1 values over maxValueBytes (512)"),
+        "{error}"
+    );
+    let text = metrics.render();
+    for line in [
+        r#"strait_kvstore_rejected_total{cluster="cluster-europe",kind="identity",reason="over-limit"} 15"#,
+        r#"strait_kvstore_rejected_total{cluster="cluster-europe",kind="ipcache",reason="value-too-large"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    }
+
+    // A delete frees room for the next new identity; other kinds keep syncing meanwhile.
+    let held = state
+        .read()
+        .identities()
+        .find(|i| i.cluster.as_ref() == "cluster-europe")
+        .map(|i| i.id)
+        .unwrap();
+    client.delete(&format!("{IDS}/{held}")).await.unwrap();
+    wait_for("deleted identity gone", || {
+        state.read().identity(held).is_none()
+    })
+    .await;
+    put(
+        &client,
+        &format!("{IDS}/131200"),
+        &format!("k8s:app=new;{CLUSTER}"),
+    )
+    .await;
+    put(
+        &client,
+        &format!("{ip}/10.2.0.4"),
+        r#"{"IP":"10.2.0.4","Mask":null,"HostIP":"198.18.2.1","ID":131073,"Key":255,"Metadata":""}"#,
+    )
+    .await;
+    wait_for("new identity admitted", || {
+        state.read().identity(131200).is_some()
+    })
+    .await;
+    wait_for("new endpoint synced", || {
+        status().is_some_and(|s| s.num_endpoints == 4)
+    })
+    .await;
+    assert_eq!(europe_ids(), CAP);
 }

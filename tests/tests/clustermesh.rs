@@ -235,6 +235,14 @@ async fn remote_cluster_syncs_valid_values_and_rejects_each_invalid_one() {
         1,
         "own cluster's file must be ignored"
     );
+    // A clean first connect is no failure, also once the status has been refreshed.
+    tokio::time::sleep(timing().status_interval * 3).await;
+    let clean = status_of(&mesh, "cluster-europe").unwrap();
+    assert_eq!(
+        (clean.num_failures, clean.last_failure.as_deref()),
+        (0, None),
+        "{clean:?}"
+    );
     assert_eq!(
         (
             status.num_nodes,

@@ -626,7 +626,8 @@ async fn kvstoremesh_mirrors_remote_state_into_the_local_cache_that_agents_read(
         r#"{"id":1,"capabilities":{"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#
     );
     wait_key(&c_usa, "cilium/.heartbeat", true).await;
-    let node = get(&c_usa, "cilium/cache/nodes/v1/cluster-europe/eu-1")
+    // Each kind is mirrored by its own watcher: wait for each, do not assume an order.
+    let node = wait_key(&c_usa, "cilium/cache/nodes/v1/cluster-europe/eu-1", true)
         .await
         .expect("node mirrored");
     assert_eq!(
@@ -635,15 +636,16 @@ async fn kvstoremesh_mirrors_remote_state_into_the_local_cache_that_agents_read(
         "mirrored verbatim"
     );
     assert!(
-        get(
+        wait_key(
             &c_usa,
-            "cilium/cache/identities/v1/cluster-europe/id/131073"
+            "cilium/cache/identities/v1/cluster-europe/id/131073",
+            true
         )
         .await
         .is_some()
     );
     assert!(
-        get(&c_usa, "cilium/cache/ip/v1/cluster-europe/10.2.0.5")
+        wait_key(&c_usa, "cilium/cache/ip/v1/cluster-europe/10.2.0.5", true)
             .await
             .is_some()
     );

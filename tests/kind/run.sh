@@ -107,7 +107,9 @@ EOF
 
 # A CA per cluster kvstore; a server cert for its control-plane IP; client certs.
 make_certs() {
-    local c="$1" d="$WORK/pki-$c"
+    # Two `local`s: one line would expand $c before assigning it (both clusters one PKI).
+    local c="$1"
+    local d="$WORK/pki-$c"
     mkdir -p "$d"
     openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=strait-kvstore-$c-ca" \
         -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
@@ -124,7 +126,8 @@ make_certs() {
 }
 
 deploy_strait() {
-    local c="$1" d="$WORK/pki-$c" o="$WORK/overlay-$c"
+    local c="$1"
+    local d="$WORK/pki-$c" o="$WORK/overlay-$c"
     kc "$c" apply -k "$ROOT/deploy/crds"
     kc "$c" -n kube-system create secret generic strait-kvstore-server \
         --from-file=ca.crt="$d/ca.crt" --from-file=tls.crt="$d/server.crt" --from-file=tls.key="$d/server.key"

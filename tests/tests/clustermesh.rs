@@ -235,6 +235,14 @@ async fn remote_cluster_syncs_valid_values_and_rejects_each_invalid_one() {
         1,
         "own cluster's file must be ignored"
     );
+    // A clean first connect is no failure, also once the status has been refreshed.
+    tokio::time::sleep(timing().status_interval * 3).await;
+    let clean = status_of(&mesh, "cluster-europe").unwrap();
+    assert_eq!(
+        (clean.num_failures, clean.last_failure.as_deref()),
+        (0, None),
+        "{clean:?}"
+    );
     assert_eq!(
         (
             status.num_nodes,
@@ -618,7 +626,8 @@ async fn kvstoremesh_mirrors_remote_state_into_the_local_cache_that_agents_read(
         r#"{"id":1,"capabilities":{"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#
     );
     wait_key(&c_usa, "cilium/.heartbeat", true).await;
-    let node = get(&c_usa, "cilium/cache/nodes/v1/cluster-europe/eu-1")
+    // Each kind is mirrored by its own watcher: wait for each, do not assume an order.
+    let node = wait_key(&c_usa, "cilium/cache/nodes/v1/cluster-europe/eu-1", true)
         .await
         .expect("node mirrored");
     assert_eq!(
@@ -627,15 +636,16 @@ async fn kvstoremesh_mirrors_remote_state_into_the_local_cache_that_agents_read(
         "mirrored verbatim"
     );
     assert!(
-        get(
+        wait_key(
             &c_usa,
-            "cilium/cache/identities/v1/cluster-europe/id/131073"
+            "cilium/cache/identities/v1/cluster-europe/id/131073",
+            true
         )
         .await
         .is_some()
     );
     assert!(
-        get(&c_usa, "cilium/cache/ip/v1/cluster-europe/10.2.0.5")
+        wait_key(&c_usa, "cilium/cache/ip/v1/cluster-europe/10.2.0.5", true)
             .await
             .is_some()
     );

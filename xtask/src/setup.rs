@@ -17,7 +17,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, the demo and later work use. `iputils-ping` and `procps` are
 /// small tools the demo and harness call; `protobuf-compiler` and `libprotobuf-dev` (well-known .proto files) build the etcd gRPC client.
 /// `qemu-system-x86` and `busybox-static` boot other kernels for `cargo xtask vm` (apt replaces
-/// the dynamic `busybox` with the static one, which the initramfs needs).
+/// the dynamic `busybox` with the static one, which the initramfs needs). `shellcheck` lints
+/// the project's shell scripts in `cargo xtask test`.
 const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
@@ -35,6 +36,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     "qemu-system-x86",
     "busybox-static",
+    "shellcheck",
 ];
 
 pub fn run() -> anyhow::Result<Env> {

@@ -1,6 +1,10 @@
 //! `cargo xtask test`: every gate CI runs, in order, stopping at the first failure.
 
-use std::time::Instant;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
 
 use crate::cmd::{self, Env};
 
@@ -9,6 +13,10 @@ pub fn run(env: &Env, filter: Option<&str>) -> anyhow::Result<()> {
 
     cmd::step("rustfmt --check (all crates, the eBPF crate included)");
     cmd::run(env.cargo().args(["fmt", "--all", "--check"]))?;
+
+    let scripts = shell_scripts()?;
+    cmd::step(&format!("shellcheck: {} shell scripts", scripts.len()));
+    cmd::run(Command::new("shellcheck").args(&scripts))?;
 
     cmd::step("clippy -D warnings: userspace crates (builds the eBPF object from source)");
     cmd::run(env.cargo().args([
@@ -97,4 +105,30 @@ fn vm_step(env: &Env, filter: Option<&str>) -> anyhow::Result<()> {
         }
         Err(crate::vm::VmError::Infra(e)) => Err(e.context("VM tests could not run (CI=true)")),
     }
+}
+
+/// Tracked files that are shell scripts: `*.sh`, or a `#!` line naming sh or bash.
+fn shell_scripts() -> anyhow::Result<Vec<PathBuf>> {
+    let root = cmd::workspace_root();
+    let listed = cmd::output(Command::new("git").arg("-C").arg(&root).arg("ls-files"))?;
+    let is_shell = |path: &Path| {
+        let Ok(text) = std::fs::read(path) else {
+            return false;
+        };
+        let first = String::from_utf8_lossy(text.split(|b| *b == b'\n').next().unwrap_or_default());
+        first.starts_with("#!")
+            && first
+                .split(|c: char| c == '/' || c.is_whitespace())
+                .any(|word| word == "sh" || word == "bash")
+    };
+    let scripts: Vec<PathBuf> = listed
+        .lines()
+        .map(|p| root.join(p))
+        .filter(|p| p.extension().is_some_and(|e| e == "sh") || is_shell(p))
+        .collect();
+    anyhow::ensure!(
+        !scripts.is_empty(),
+        "no shell scripts found (is this a git checkout?)"
+    );
+    Ok(scripts)
 }

@@ -330,7 +330,9 @@ impl RemoteCluster {
             cluster: self.name.clone(),
         };
         let mut tick = tokio::time::interval(self.timing.status_interval);
-        let mut was_connected = true;
+        // Watchers that have not listed yet are starting, not disconnected: only a drop after
+        // they were connected counts as a failure (a clean connect showed one).
+        let mut was_connected = false;
         loop {
             tokio::select! {
                 event = recv_opt(&mut canary_rx) => match event {

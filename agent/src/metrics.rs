@@ -35,6 +35,12 @@ pub struct RejectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterReasonLabels {
+    pub cluster: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub cluster: String,
     pub kind: String,
@@ -81,6 +87,7 @@ pub struct Metrics {
     pub datapath_drops: Family<ReasonLabels, Gauge>,
     pub datapath_map_errors: Family<MapOpLabels, Counter>,
     pub datapath_map_entries: Family<MapLabels, Gauge>,
+    pub ipcache_refused: Family<ClusterReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -97,7 +104,7 @@ impl Metrics {
         let (remote_failures, remote_last_failure) = (Family::default(), Family::default());
         let (datapath_drops, datapath_map_errors, datapath_map_entries) =
             (Family::default(), Family::default(), Family::default());
-        let remote_datapath_up = Family::default();
+        let (remote_datapath_up, ipcache_refused) = (Family::default(), Family::default());
         let mut registry = Registry::with_prefix("strait");
         registry.register(
             "kvstore_rejected",
@@ -156,6 +163,12 @@ impl Metrics {
             "entries the agent has programmed, by map",
             datapath_map_entries.clone(),
         );
+        registry.register(
+            "ipcache_refused",
+            "remote ipcache entries refused by the ownership rule, by cluster and reason \
+             (local, outside-pod-cidrs, conflict); each refusal counts once when it appears",
+            ipcache_refused.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             kvstore_rejected,
@@ -169,6 +182,7 @@ impl Metrics {
             datapath_drops,
             datapath_map_errors,
             datapath_map_entries,
+            ipcache_refused,
         }
     }
 

@@ -4,14 +4,19 @@
 
 use std::{fmt::Write as _, sync::Arc};
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::DatapathAgent,
     mesh::{manager::ClusterMesh, remote::RemoteClusterStatus, sync::SyncFlags},
-    state::StateHandle,
+    state::{self, StateHandle},
     wireguard::{DeviceStatus, EncryptionAgent},
 };
+
+/// Refused ipcache entries listed in the document (all are counted): a hostile remote can
+/// publish any number of them.
+const MAX_LISTED_REFUSALS: usize = 100;
 
 /// What the status document is read from: the agent's parts, as the daemon started them.
 pub struct StatusSources {
@@ -38,6 +43,7 @@ impl StatusSources {
         let datapath = self.datapath.as_ref().map(|d| d.status());
         let model = self.state.read();
         let counts = model.counts(&self.cluster);
+        let refusals = state::owned_endpoints(&model).refusals;
         AgentStatus {
             version: env!("CARGO_PKG_VERSION").into(),
             cluster: LocalStatus {
@@ -57,6 +63,17 @@ impl StatusSources {
                     .clusters()
                     .filter(|c| c.datapath_down)
                     .map(|c| c.name.to_string())
+                    .collect(),
+                num_ipcache_refused: refusals.len(),
+                ipcache_refused: refusals
+                    .iter()
+                    .take(MAX_LISTED_REFUSALS)
+                    .map(|r| IpcacheRefusedStatus {
+                        cluster: r.cluster.to_string(),
+                        prefix: r.prefix,
+                        reason: r.reason.as_str().into(),
+                        detail: r.reason.to_string(),
+                    })
                     .collect(),
             },
             encryption,
@@ -102,6 +119,27 @@ pub struct ClusterMeshStatus {
     /// out of every global service until one answers again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub datapath_down: Vec<String>,
+    /// Remote ipcache entries the datapath does not program (the ownership rule of
+    /// `state::ipcache`), and the first of them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub num_ipcache_refused: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipcache_refused: Vec<IpcacheRefusedStatus>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// A remote ipcache entry the datapath does not program.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct IpcacheRefusedStatus {
+    pub cluster: String,
+    pub prefix: IpNet,
+    /// local | outside-pod-cidrs | conflict (the metric's label).
+    pub reason: String,
+    pub detail: String,
 }
 
 impl AgentStatus {
@@ -182,6 +220,26 @@ impl AgentStatus {
                 );
             }
         }
+        if mesh.num_ipcache_refused > 0 {
+            let listed: Vec<String> = mesh
+                .ipcache_refused
+                .iter()
+                .take(3)
+                .map(|r| format!("{} {} ({})", r.cluster, r.prefix, r.detail))
+                .collect();
+            let more = mesh.num_ipcache_refused - listed.len();
+            let _ = writeln!(
+                out,
+                "IPCache:       {} remote entries refused: {}{}",
+                mesh.num_ipcache_refused,
+                listed.join(", "),
+                if more > 0 {
+                    format!(", and {more} more")
+                } else {
+                    String::new()
+                }
+            );
+        }
         match &self.datapath {
             None => {
                 let _ = writeln!(out, "Datapath:      disabled");
@@ -231,5 +289,60 @@ impl AgentStatus {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(refused: usize) -> AgentStatus {
+        AgentStatus {
+            version: "0.1.0".into(),
+            cluster: LocalStatus {
+                name: "cluster-usa".into(),
+                id: 1,
+                node: "usa-1".into(),
+                kvstore: "https://10.0.0.1:2379".into(),
+                kvstore_synced: true,
+                num_nodes: 1,
+                num_endpoints: 1,
+                num_identities: 1,
+            },
+            cluster_mesh: ClusterMeshStatus {
+                clusters: vec![],
+                num_global_services: 0,
+                datapath_down: vec![],
+                num_ipcache_refused: refused,
+                ipcache_refused: (0..refused.min(MAX_LISTED_REFUSALS))
+                    .map(|i| IpcacheRefusedStatus {
+                        cluster: "cluster-mars".into(),
+                        prefix: format!("10.9.0.{i}/32").parse().unwrap(),
+                        reason: "outside-pod-cidrs".into(),
+                        detail: "outside".into(),
+                    })
+                    .collect(),
+            },
+            encryption: None,
+            datapath: None,
+        }
+    }
+
+    #[test]
+    fn refused_ipcache_entries_add_one_line_only_when_there_are_some() {
+        let none = status(0).render();
+        assert!(!none.contains("IPCache:"), "{none}");
+        let json = serde_json::to_string(&status(0)).unwrap();
+        assert!(!json.contains("ipcache-refused"), "{json}");
+
+        let some = status(5).render();
+        assert_eq!(some.lines().count(), none.lines().count() + 1, "{some}");
+        assert!(
+            some.contains(
+                "IPCache:       5 remote entries refused: cluster-mars 10.9.0.0/32 (outside), \
+                 cluster-mars 10.9.0.1/32 (outside), cluster-mars 10.9.0.2/32 (outside), and 2 more"
+            ),
+            "{some}"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! A remote cluster whose kvstore is written by an attacker, against a real etcd: each value
 //! that would widen access is rejected and counted per reason, the remote's valid values keep
 //! syncing, and policy never sees what was rejected. A remote that floods keys is held to
-//! the configured limits.
+//! the configured limits, and its ipcache entries are programmed only where it owns the
+//! addresses.
 
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use strait::{
     },
     metrics::Metrics,
     policy::{self, Direction, PROTO_TCP},
-    state::StateHandle,
+    state::{self, StateHandle},
 };
 use strait_tests::etcd::{CiliumConfigOptions, EtcdServer};
 
@@ -333,4 +334,166 @@ async fn a_remote_flooding_identities_is_held_to_the_cap_while_other_kinds_sync(
     })
     .await;
     assert_eq!(europe_ids(), CAP);
+}
+
+fn node_json(name: &str, ip: &str, cidr_ip: &str) -> String {
+    format!(
+        r#"{{"Name":"{name}","Cluster":"cluster-europe","IPAddresses":[{{"Type":"InternalIP","IP":"{ip}"}}],"IPv4AllocCIDR":{{"IP":"{cidr_ip}","Mask":"////AA=="}},"IPv4SecondaryAllocCIDRs":null,"IPv6AllocCIDR":null,"IPv6SecondaryAllocCIDRs":null,"IPv4HealthIP":"","IPv6HealthIP":"","IPv4IngressIP":"","IPv6IngressIP":"","ClusterID":2,"Source":"custom-resource","EncryptionKey":255,"Labels":null,"Annotations":null,"WireguardPubKey":"","BootID":""}}"#
+    )
+}
+
+fn ip_json(ip: &str, mask: &str, id: u32) -> String {
+    format!(
+        r#"{{"IP":"{ip}","Mask":{mask},"HostIP":"198.18.2.1","ID":{id},"Key":255,"Metadata":""}}"#
+    )
+}
+
+/// The datapath's ipcache holds a hostile remote's entries only where that remote owns the
+/// addresses: its pods (inside its nodes' pod CIDRs) and its nodes (as remote-node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_remote_ipcache_entries_outside_its_node_space_are_refused() {
+    let europe = EtcdServer::new();
+    let client = EtcdClient::connect(&europe.config()).await.unwrap();
+    put(
+        &client,
+        "cilium/cluster-config/cluster-europe",
+        r#"{"id":2,"capabilities":{"maxConnectedClusters":255}}"#,
+    )
+    .await;
+    put(
+        &client,
+        "cilium/state/nodes/v1/cluster-europe/eu-1",
+        &node_json("eu-1", "198.18.2.1", "10.2.0.0"),
+    )
+    .await;
+    let ip = "cilium/state/ip/v1/default";
+    // Valid: a pod of europe's, europe's node.
+    put(
+        &client,
+        &format!("{ip}/10.2.0.5"),
+        &ip_json("10.2.0.5", "null", 131073),
+    )
+    .await;
+    put(
+        &client,
+        &format!("{ip}/198.18.2.1"),
+        &ip_json("198.18.2.1", "null", 1),
+    )
+    .await;
+    // Hostile: the whole internet, a local pod, an address outside europe's pod CIDRs.
+    put(
+        &client,
+        &format!("{ip}/0.0.0.0/0"),
+        &ip_json("0.0.0.0", r#""AAAAAA==""#, 2),
+    )
+    .await;
+    put(
+        &client,
+        &format!("{ip}/10.1.0.7"),
+        &ip_json("10.1.0.7", "null", 131073),
+    )
+    .await;
+    put(
+        &client,
+        &format!("{ip}/10.9.0.7"),
+        &ip_json("10.9.0.7", "null", 131073),
+    )
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    europe.write_cilium_config(
+        &dir.path().join("cluster-europe"),
+        CiliumConfigOptions::default(),
+    );
+    let state = StateHandle::new("cluster-usa", 1);
+    // The local cluster's own node and one of its pods.
+    state.update(|m| {
+        m.upsert_node(state::Node {
+            cluster: "cluster-usa".into(),
+            cluster_id: 1,
+            name: "usa-1".into(),
+            node_ip: Some("198.18.1.1".parse().unwrap()),
+            addresses: vec!["198.18.1.1".parse().unwrap()],
+            pod_cidrs: vec!["10.1.0.0/24".parse().unwrap()],
+            wireguard_pubkey: None,
+            encryption_key: 255,
+        });
+        m.upsert_endpoint(state::Endpoint {
+            prefix: "10.1.0.7/32".parse().unwrap(),
+            cluster: "cluster-usa".into(),
+            identity: 65537,
+            host_ip: None,
+            encryption_key: 255,
+        });
+    });
+    let metrics = Metrics::new();
+    let local = LocalCluster {
+        name: "cluster-usa".into(),
+        id: 1,
+        max_connected_clusters: MaxConnectedClusters::Max255,
+    };
+    let timing = RemoteTiming {
+        config_timeout: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(1),
+        status_interval: Duration::from_millis(100),
+    };
+    let mesh = ClusterMesh::spawn(
+        dir.path().into(),
+        local,
+        state.clone(),
+        metrics.clone(),
+        timing,
+    );
+    wait_for("cluster-europe ready", || {
+        mesh.statuses()
+            .iter()
+            .any(|s| s.name == "cluster-europe" && s.ready)
+    })
+    .await;
+    // Every entry reached the model: the refusal is the ownership rule's, not validation's.
+    wait_for("europe's 5 entries in the model", || {
+        state.read().counts("cluster-europe").endpoints == 5
+    })
+    .await;
+
+    let (map, _) = strait::datapath::ipcache::desired(&state.read());
+    let programmed: Vec<(String, u32)> = map
+        .iter()
+        .map(|(p, v)| (p.to_string(), v.identity))
+        .collect();
+    assert_eq!(
+        programmed,
+        [
+            ("10.1.0.7/32".into(), 65537),
+            ("10.2.0.5/32".into(), 131073),
+            ("198.18.2.1/32".into(), 6),
+        ]
+    );
+    let refused: Vec<(String, String, &str)> = state::owned_endpoints(&state.read())
+        .refusals
+        .iter()
+        .map(|r| {
+            (
+                r.cluster.to_string(),
+                r.prefix.to_string(),
+                r.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (
+                "cluster-europe".into(),
+                "0.0.0.0/0".into(),
+                "outside-pod-cidrs"
+            ),
+            ("cluster-europe".into(), "10.1.0.7/32".into(), "local"),
+            (
+                "cluster-europe".into(),
+                "10.9.0.7/32".into(),
+                "outside-pod-cidrs"
+            ),
+        ]
+    );
 }

@@ -11,7 +11,7 @@ use crate::{
         flows::{FlowPeer, FlowRecord},
     },
     mesh::remote::{RemoteClusterStatus, RemoteConfigStatus, SyncedStatus},
-    status::{AgentStatus, ClusterMeshStatus, LocalStatus},
+    status::{AgentStatus, ClusterMeshStatus, IpcacheRefusedStatus, LocalStatus},
     wireguard::{BackendKind, DeviceStatus, PeerStatus},
 };
 
@@ -114,6 +114,8 @@ impl From<ClusterMeshStatus> for pb::ClusterMeshStatus {
             clusters: s.clusters.into_iter().map(Into::into).collect(),
             num_global_services: s.num_global_services as u64,
             datapath_down: s.datapath_down,
+            num_ipcache_refused: s.num_ipcache_refused as u64,
+            ipcache_refused: s.ipcache_refused.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -129,6 +131,35 @@ impl TryFrom<pb::ClusterMeshStatus> for ClusterMeshStatus {
                 .collect::<Result<_, _>>()?,
             num_global_services: count("cluster_mesh.num_global_services", s.num_global_services)?,
             datapath_down: s.datapath_down,
+            num_ipcache_refused: count("cluster_mesh.num_ipcache_refused", s.num_ipcache_refused)?,
+            ipcache_refused: s
+                .ipcache_refused
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+impl From<IpcacheRefusedStatus> for pb::IpcacheRefused {
+    fn from(r: IpcacheRefusedStatus) -> Self {
+        Self {
+            cluster: r.cluster,
+            prefix: r.prefix.to_string(),
+            reason: r.reason,
+            detail: r.detail,
+        }
+    }
+}
+
+impl TryFrom<pb::IpcacheRefused> for IpcacheRefusedStatus {
+    type Error = ConvertError;
+    fn try_from(r: pb::IpcacheRefused) -> Result<Self, ConvertError> {
+        Ok(Self {
+            cluster: r.cluster,
+            prefix: parse("cluster_mesh.ipcache_refused.prefix", &r.prefix)?,
+            reason: r.reason,
+            detail: r.detail,
         })
     }
 }
@@ -452,6 +483,13 @@ mod tests {
                 ],
                 num_global_services: 3,
                 datapath_down: vec!["cluster-mars".into()],
+                num_ipcache_refused: 2,
+                ipcache_refused: vec![IpcacheRefusedStatus {
+                    cluster: "cluster-mars".into(),
+                    prefix: "0.0.0.0/0".parse().unwrap(),
+                    reason: "outside-pod-cidrs".into(),
+                    detail: "outside the pod CIDRs and addresses of the cluster's nodes".into(),
+                }],
             },
             encryption: Some(DeviceStatus {
                 device: "strait0".into(),

@@ -1,5 +1,6 @@
-//! The ipcache writer: every endpoint of every accepted cluster, IPv4 prefix → identity,
-//! hosting node, encryption key, remote flag. Incremental: only changed prefixes are written
+//! The ipcache writer: every endpoint the state model accepts (local ones; remote ones inside
+//! their cluster's node space), IPv4 prefix → identity, hosting node, encryption key, remote
+//! flag. Incremental: only changed prefixes are written
 //! (through the map mirror, which also retries failed writes and deletes).
 
 use std::{
@@ -19,13 +20,22 @@ use super::{
     DatapathError,
     mirror::{KernelLpm4, KernelMap as _, MapMirror, SyncReport},
 };
-use crate::{metrics::Metrics, state::StateModel};
+use crate::{
+    metrics::Metrics,
+    state::{self, IpcacheRefusal, OwnedEndpoint, StateModel},
+};
 
-/// What the ipcache should hold, from the state model.
-pub fn desired(model: &StateModel) -> BTreeMap<Ipv4Net, IpcacheValue> {
+/// What the ipcache should hold: the entries the state model accepts (its ownership rule,
+/// [`state::owned_endpoints`]), and the remote entries it refuses.
+pub fn desired(model: &StateModel) -> (BTreeMap<Ipv4Net, IpcacheValue>, Vec<IpcacheRefusal>) {
     let local = model.local_cluster().clone();
+    let owned = state::owned_endpoints(model);
     let mut out = BTreeMap::new();
-    for ep in model.ipcache() {
+    for OwnedEndpoint {
+        endpoint: ep,
+        identity,
+    } in owned.entries
+    {
         let IpNet::V4(prefix) = ep.prefix else {
             continue;
         };
@@ -37,7 +47,7 @@ pub fn desired(model: &StateModel) -> BTreeMap<Ipv4Net, IpcacheValue> {
         out.insert(
             prefix.trunc(),
             IpcacheValue {
-                identity: ep.identity,
+                identity,
                 tunnel_endpoint,
                 cluster_id: u16::try_from(cluster_id).unwrap_or(u16::MAX),
                 encrypt_key: ep.encryption_key,
@@ -49,7 +59,7 @@ pub fn desired(model: &StateModel) -> BTreeMap<Ipv4Net, IpcacheValue> {
             },
         );
     }
-    out
+    (out, owned.refusals)
 }
 
 pub struct IpcacheWriter {
@@ -116,4 +126,75 @@ pub fn list(map: Map) -> Result<Vec<IpcacheListEntry>, DatapathError> {
             remote_cluster: v.flags & IPCACHE_FLAG_REMOTE_CLUSTER != 0,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        identity::IDENTITY_REMOTE_NODE,
+        state::{Endpoint, Node},
+    };
+
+    fn node(cluster: &str, ip: &str, cidr: &str) -> Node {
+        Node {
+            cluster: cluster.into(),
+            cluster_id: 0,
+            name: format!("{cluster}-1"),
+            node_ip: Some(ip.parse().unwrap()),
+            addresses: vec![ip.parse().unwrap()],
+            pod_cidrs: vec![cidr.parse().unwrap()],
+            wireguard_pubkey: None,
+            encryption_key: 255,
+        }
+    }
+
+    fn ep(cluster: &str, prefix: &str, identity: u32) -> Endpoint {
+        Endpoint {
+            prefix: prefix.parse().unwrap(),
+            cluster: cluster.into(),
+            identity,
+            host_ip: None,
+            encryption_key: 255,
+        }
+    }
+
+    /// The map holds only what the ownership rule accepts: before it, the remote that sorted
+    /// last won a shared prefix, and any remote could program 0.0.0.0/0 or a local pod.
+    #[test]
+    fn only_owned_entries_are_programmed() {
+        let mut m = StateModel::new("usa", 1);
+        m.register_cluster("zeta", 2).unwrap();
+        m.upsert_node(node("usa", "198.18.1.1", "10.1.0.0/24"));
+        m.upsert_node(node("zeta", "198.18.2.1", "10.2.0.0/24"));
+        for e in [
+            ep("usa", "10.1.0.5/32", 65537),
+            ep("zeta", "10.1.0.5/32", 131073),
+            ep("zeta", "10.1.0.6/32", 131073),
+            ep("zeta", "0.0.0.0/0", 2),
+            ep("zeta", "10.2.0.5/32", 131074),
+            ep("zeta", "198.18.2.1/32", 1),
+        ] {
+            m.upsert_endpoint(e);
+        }
+        m.settle();
+        let (map, refused) = desired(&m);
+        let got: Vec<(String, u32)> = map
+            .iter()
+            .map(|(p, v)| (p.to_string(), v.identity))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("10.1.0.5/32".into(), 65537),
+                ("10.2.0.5/32".into(), 131074),
+                ("198.18.2.1/32".into(), IDENTITY_REMOTE_NODE),
+            ]
+        );
+        assert_eq!(refused.len(), 3);
+        assert_eq!(
+            map[&"10.2.0.5/32".parse().unwrap()].flags,
+            IPCACHE_FLAG_REMOTE_CLUSTER
+        );
+    }
 }

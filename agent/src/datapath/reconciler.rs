@@ -22,8 +22,8 @@ use super::{
     policy::{CtGc, PolicyWriter},
 };
 use crate::{
-    metrics::{MapLabels, Metrics, ReasonLabels},
-    state::{StateHandle, Versions},
+    metrics::{ClusterReasonLabels, MapLabels, Metrics, ReasonLabels},
+    state::{IpcacheRefusal, StateHandle, Versions},
     task::AbortOnDrop,
 };
 
@@ -185,6 +185,7 @@ async fn reconcile(
 ) {
     let mut versions = state.subscribe();
     let mut reported: HashSet<String> = HashSet::new();
+    let mut refused: HashSet<IpcacheRefusal> = HashSet::new();
     let mut last = None;
     let mut last_synced = false;
     let mut retry = false;
@@ -197,7 +198,8 @@ async fn reconcile(
         // which allows deletes): an endpoint churn does not rebuild every service.
         let first = last.is_none();
         let synced_now = is_synced != last_synced;
-        // (Refusals and datapath-down bump the services and endpoints versions themselves.)
+        // (Refusals and datapath-down bump the services and endpoints versions themselves;
+        // node changes move which remote ipcache entries are accepted.)
         // A retry tick re-runs only the writer that has failures to retry.
         let lb_due = first
             || synced_now
@@ -205,7 +207,7 @@ async fn reconcile(
             || (retry && lb.pending());
         let ipc_due = first
             || synced_now
-            || last.is_some_and(|l: Versions| l.endpoints != v.endpoints)
+            || last.is_some_and(|l: Versions| l.endpoints != v.endpoints || l.nodes != v.nodes)
             || (retry && ipc.pending());
         if lb_due || ipc_due {
             let started = std::time::Instant::now();
@@ -214,8 +216,9 @@ async fn reconcile(
                 lr = lb.sync(&desired, is_synced);
             }
             if ipc_due {
-                let desired = ipcache::desired(&state.read());
+                let (desired, refusals) = ipcache::desired(&state.read());
                 ir = ipc.sync(&desired, is_synced);
+                report_refusals(&mut refused, refusals, &metrics);
             }
             tracing::debug!(
                 services = lr.services,
@@ -263,6 +266,32 @@ async fn reconcile(
     }
 }
 
+/// Logs and counts each remote ipcache refusal once, when it appears (status lists them all).
+fn report_refusals(
+    reported: &mut HashSet<IpcacheRefusal>,
+    now: Vec<IpcacheRefusal>,
+    metrics: &Metrics,
+) {
+    let now: HashSet<IpcacheRefusal> = now.into_iter().collect();
+    for r in now.difference(reported) {
+        tracing::warn!(
+            cluster = %r.cluster,
+            prefix = %r.prefix,
+            reason = r.reason.as_str(),
+            "remote ipcache entry refused: {}",
+            r.reason
+        );
+        metrics
+            .ipcache_refused
+            .get_or_create(&ClusterReasonLabels {
+                cluster: r.cluster.to_string(),
+                reason: r.reason.as_str().into(),
+            })
+            .inc();
+    }
+    *reported = now;
+}
+
 async fn housekeeping(mut ct: CtGc, drops: aya::maps::Map, metrics: Metrics) {
     let mut gc = tokio::time::interval(CT_GC_INTERVAL);
     let mut counters = tokio::time::interval(COUNTERS_INTERVAL);
@@ -285,5 +314,38 @@ async fn housekeeping(mut ct: CtGc, drops: aya::maps::Map, metrics: Metrics) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{state::RefusalReason, testlog::Logs};
+
+    #[test]
+    fn each_refusal_is_logged_and_counted_once_while_it_lasts() {
+        let refusal = IpcacheRefusal {
+            cluster: "cluster-europe".into(),
+            prefix: "0.0.0.0/0".parse().unwrap(),
+            reason: RefusalReason::OutsidePodCidrs,
+        };
+        let (metrics, logs) = (Metrics::new(), Logs::default());
+        let mut reported = HashSet::new();
+        tracing::subscriber::with_default(logs.subscriber(), || {
+            for _ in 0..3 {
+                report_refusals(&mut reported, vec![refusal.clone()], &metrics);
+            }
+            // Gone, then back: a new refusal.
+            report_refusals(&mut reported, vec![], &metrics);
+            report_refusals(&mut reported, vec![refusal.clone()], &metrics);
+        });
+        let text = logs.text();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(
+            text.contains("cluster-europe") && text.contains("outside-pod-cidrs"),
+            "{text}"
+        );
+        let line = r#"strait_ipcache_refused_total{cluster="cluster-europe",reason="outside-pod-cidrs"} 2"#;
+        assert!(metrics.render().contains(line), "{}", metrics.render());
     }
 }

@@ -8,6 +8,7 @@
 //! level-triggered: they [`StateHandle::subscribe`] to per-kind version counters, and on a
 //! change read the views they need and diff against what they own.
 
+pub mod ipcache;
 pub mod local;
 pub mod overlap;
 pub mod services;
@@ -22,6 +23,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 use tokio::sync::watch;
 
+pub use ipcache::{IpcacheRefusal, OwnedEndpoint, Ownership, RefusalReason, owned_endpoints};
 pub use local::{EncryptionRoute, HostInterface, LocalEndpoint};
 pub use overlap::Overlap;
 pub use services::{SelectedBackend, ServiceView};

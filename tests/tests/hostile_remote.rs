@@ -75,6 +75,33 @@ fn host_rule_admits(state: &StateHandle, id: u32) -> bool {
     .allows(Direction::Ingress, id, PROTO_TCP, 5432)
 }
 
+/// cluster-usa's mesh reading the remotes configured in `dir`, with fast test timings.
+fn spawn_mesh(
+    dir: &std::path::Path,
+    state: &StateHandle,
+    metrics: &Metrics,
+    limits: RemoteLimits,
+) -> ClusterMesh {
+    let local = LocalCluster {
+        name: "cluster-usa".into(),
+        id: 1,
+        max_connected_clusters: MaxConnectedClusters::Max255,
+    };
+    let timing = RemoteTiming {
+        config_timeout: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(1),
+        status_interval: Duration::from_millis(100),
+    };
+    ClusterMesh::spawn_with_limits(
+        dir.into(),
+        local,
+        state.clone(),
+        metrics.clone(),
+        timing,
+        limits,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_remote_identities_are_rejected_and_counted_while_valid_ones_sync() {
     let europe = EtcdServer::new();
@@ -135,23 +162,7 @@ async fn hostile_remote_identities_are_rejected_and_counted_while_valid_ones_syn
     );
     let state = StateHandle::new("cluster-usa", 1);
     let metrics = Metrics::new();
-    let local = LocalCluster {
-        name: "cluster-usa".into(),
-        id: 1,
-        max_connected_clusters: MaxConnectedClusters::Max255,
-    };
-    let timing = RemoteTiming {
-        config_timeout: Duration::from_secs(5),
-        max_backoff: Duration::from_secs(1),
-        status_interval: Duration::from_millis(100),
-    };
-    let mesh = ClusterMesh::spawn(
-        dir.path().into(),
-        local,
-        state.clone(),
-        metrics.clone(),
-        timing,
-    );
+    let mesh = spawn_mesh(dir.path(), &state, &metrics, RemoteLimits::default());
     wait_for("cluster-europe ready", || {
         mesh.statuses()
             .iter()
@@ -245,29 +256,12 @@ async fn a_remote_flooding_identities_is_held_to_the_cap_while_other_kinds_sync(
     );
     let state = StateHandle::new("cluster-usa", 1);
     let metrics = Metrics::new();
-    let local = LocalCluster {
-        name: "cluster-usa".into(),
-        id: 1,
-        max_connected_clusters: MaxConnectedClusters::Max255,
-    };
-    let timing = RemoteTiming {
-        config_timeout: Duration::from_secs(5),
-        max_backoff: Duration::from_secs(1),
-        status_interval: Duration::from_millis(100),
-    };
     let limits = RemoteLimits {
         max_identities: CAP,
         max_value_bytes: 512,
         ..RemoteLimits::default()
     };
-    let mesh = ClusterMesh::spawn_with_limits(
-        dir.path().into(),
-        local,
-        state.clone(),
-        metrics.clone(),
-        timing,
-        limits,
-    );
+    let mesh = spawn_mesh(dir.path(), &state, &metrics, limits);
     let status = || {
         mesh.statuses()
             .into_iter()
@@ -427,23 +421,7 @@ async fn hostile_remote_ipcache_entries_outside_its_node_space_are_refused() {
         });
     });
     let metrics = Metrics::new();
-    let local = LocalCluster {
-        name: "cluster-usa".into(),
-        id: 1,
-        max_connected_clusters: MaxConnectedClusters::Max255,
-    };
-    let timing = RemoteTiming {
-        config_timeout: Duration::from_secs(5),
-        max_backoff: Duration::from_secs(1),
-        status_interval: Duration::from_millis(100),
-    };
-    let mesh = ClusterMesh::spawn(
-        dir.path().into(),
-        local,
-        state.clone(),
-        metrics.clone(),
-        timing,
-    );
+    let mesh = spawn_mesh(dir.path(), &state, &metrics, RemoteLimits::default());
     wait_for("cluster-europe ready", || {
         mesh.statuses()
             .iter()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use strait::kvstore::EtcdConfig;
 
@@ -34,6 +34,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct EtcdTls {
     pub ca_cert: PathBuf,
+    /// The CA's key, to issue more client certificates ([`EtcdServer::client_cert`]).
+    pub ca_key: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
@@ -47,6 +49,9 @@ pub struct CiliumConfigOptions {
     pub deprecated_ca_key: bool,
     /// Leave out `cert-file`/`key-file`.
     pub without_client_cert: bool,
+    /// Use a client certificate with this CN (the etcd user name under `--client-cert-auth`)
+    /// instead of the default one (CN `remote`).
+    pub client_cn: Option<&'static str>,
 }
 
 /// A running etcd; see the module docs.
@@ -160,6 +165,37 @@ impl EtcdServer {
             cfg.key_file = Some(tls.client_key.clone());
         }
         cfg
+    }
+
+    /// A client config for this TLS server authenticating as `cn` (etcd takes the user name
+    /// from the client certificate's CN).
+    pub fn config_as(&self, cn: &str) -> EtcdConfig {
+        let (cert, key) = self.client_cert(cn);
+        let mut cfg = self.config();
+        cfg.cert_file = Some(cert);
+        cfg.key_file = Some(key);
+        cfg
+    }
+
+    /// A client certificate and key with CN `cn`, issued by this server's CA (TLS mode only),
+    /// as PEM files in the server's directory.
+    pub fn client_cert(&self, cn: &str) -> (PathBuf, PathBuf) {
+        let tls = self.tls.as_ref().expect("client certificates need a TLS server");
+        let ca_key = std::fs::read_to_string(&tls.ca_key).expect("reading the CA key");
+        let ca = Issuer::new(
+            ca_params(TEST_CA_CN),
+            KeyPair::from_pem(&ca_key).expect("parsing the CA key"),
+        );
+        let (cert, key) = leaf_cert(&ca, cn, Vec::new(), vec![ExtendedKeyUsagePurpose::ClientAuth]);
+        let safe: String = cn
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .collect();
+        let cert_path = self.dir().join(format!("client-{safe}.crt"));
+        let key_path = self.dir().join(format!("client-{safe}.key"));
+        std::fs::write(&cert_path, cert).expect("writing a client certificate");
+        std::fs::write(&key_path, key).expect("writing a client key");
+        (cert_path, key_path)
     }
 
     /// (Re)starts etcd on the same data directory and ports and waits until it answers.
@@ -340,10 +376,14 @@ impl EtcdServer {
             };
             yaml.push_str(&format!("{ca_key}: {}\n", tls.ca_cert.display()));
             if !opts.without_client_cert {
+                let (cert, key) = match opts.client_cn {
+                    Some(cn) => self.client_cert(cn),
+                    None => (tls.client_cert.clone(), tls.client_key.clone()),
+                };
                 yaml.push_str(&format!(
                     "cert-file: {}\nkey-file: {}\n",
-                    tls.client_cert.display(),
-                    tls.client_key.display()
+                    cert.display(),
+                    key.display()
                 ));
             }
         }
@@ -394,30 +434,39 @@ fn ca_params(cn: &str) -> CertificateParams {
     params
 }
 
+const TEST_CA_CN: &str = "strait test CA";
+
+/// A leaf certificate and key (PEM) with CN `cn`, signed by `ca`.
+fn leaf_cert(
+    ca: &Issuer<'_, KeyPair>,
+    cn: &str,
+    sans: Vec<String>,
+    ekus: Vec<ExtendedKeyUsagePurpose>,
+) -> (String, String) {
+    let key = KeyPair::generate().expect("generating a key");
+    let mut params = CertificateParams::new(sans).expect("certificate params");
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = ekus;
+    let cert = params.signed_by(&key, ca).expect("signing a certificate");
+    (cert.pem(), key.serialize_pem())
+}
+
 /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files
 /// in `dir`.
 fn generate_tls(dir: &Path) -> EtcdTls {
-    let ca = CertifiedIssuer::self_signed(
-        ca_params("strait test CA"),
-        KeyPair::generate().expect("generating the CA key"),
-    )
-    .expect("self-signing the CA");
+    let ca_key = KeyPair::generate().expect("generating the CA key");
+    let ca_key_pem = ca_key.serialize_pem();
+    let ca = CertifiedIssuer::self_signed(ca_params(TEST_CA_CN), ca_key)
+        .expect("self-signing the CA");
 
-    let leaf = |cn: &str, sans: Vec<String>, ekus: Vec<ExtendedKeyUsagePurpose>| {
-        let key = KeyPair::generate().expect("generating a key");
-        let mut params = CertificateParams::new(sans).expect("certificate params");
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = ekus;
-        let cert = params.signed_by(&key, &*ca).expect("signing a certificate");
-        (cert.pem(), key.serialize_pem())
-    };
     // etcd 3.4's gRPC gateway dials its own port presenting the server certificate, so with
     // --client-cert-auth that certificate needs clientAuth too.
-    let (server_cert, server_key) = leaf(
+    let (server_cert, server_key) = leaf_cert(
+        &ca,
         "etcd-server",
         vec!["127.0.0.1".into(), "localhost".into()],
         vec![
@@ -425,7 +474,8 @@ fn generate_tls(dir: &Path) -> EtcdTls {
             ExtendedKeyUsagePurpose::ClientAuth,
         ],
     );
-    let (client_cert, client_key) = leaf(
+    let (client_cert, client_key) = leaf_cert(
+        &ca,
         "remote",
         Vec::new(),
         vec![ExtendedKeyUsagePurpose::ClientAuth],
@@ -438,6 +488,7 @@ fn generate_tls(dir: &Path) -> EtcdTls {
     };
     EtcdTls {
         ca_cert: write("ca.crt", &ca.pem()),
+        ca_key: write("ca.key", &ca_key_pem),
         server_cert: write("server.crt", &server_cert),
         server_key: write("server.key", &server_key),
         client_cert: write("client.crt", &client_cert),

@@ -48,6 +48,13 @@ pub struct KvstoremeshArgs {
     /// https://localhost:7445).
     #[arg(long, env = "STRAIT_K8S_API_SERVER", requires = "kubernetes_api")]
     pub api_server: Option<hyper::Uri>,
+    /// First create the clustermesh users and roles in this cluster's etcd and enable
+    /// authentication, as `strait etcd init` does (needs an `admin-<cluster>` certificate in
+    /// --kvstore-config). Fails instead of mirroring when that fails.
+    #[arg(long)]
+    pub init_etcd_auth: bool,
+    #[command(flatten)]
+    pub users: super::etcd::AuthUsersArgs,
     /// Prometheus metrics address.
     #[arg(long, default_value = "0.0.0.0:9965")]
     pub metrics_address: SocketAddr,
@@ -57,6 +64,11 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
     let local_max = MaxConnectedClusters::from_u32(args.max_connected_clusters)?;
     let etcd = EtcdConfig::from_file(&args.kvstore_config)?;
     let local = EtcdClient::connect_retrying(&etcd).await;
+    if args.init_etcd_auth {
+        super::etcd::init(&local, &args.cluster_name, &args.users).await?;
+    } else if !args.users.remote_users.is_empty() {
+        anyhow::bail!("--remote-user needs --init-etcd-auth");
+    }
     let metrics = Metrics::new();
     let options = MeshOptions {
         local_cluster_id: args.cluster_id,

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod count;
+pub mod etcd;
 pub mod kvstoremesh;
 pub mod observe;
 pub mod signals;
@@ -38,6 +39,9 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Mirror remote clusters into this cluster's etcd (KVStoreMesh-compatible cache).
     Kvstoremesh(kvstoremesh::KvstoremeshArgs),
+    /// Set up this cluster's kvstore etcd: `strait etcd init` creates the clustermesh users
+    /// and roles and enables authentication.
+    Etcd(etcd::EtcdArgs),
     /// Show the datapath's flow events (drops with both identities and the reason), like
     /// `hubble observe`: the last --last flows, then new ones with --follow.
     Observe(observe::ObserveArgs),
@@ -92,6 +96,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Agent(args) => agent::run(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Kvstoremesh(args) => kvstoremesh::run(args).await,
+            Command::Etcd(args) => etcd::run(args).await,
             Command::Observe(args) => observe::run(args).await,
             Command::Bpf(args) => bpf::run(args).await,
         }

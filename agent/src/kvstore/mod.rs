@@ -10,11 +10,14 @@
 //!   [`WatchEvent`]s through a bounded channel and surviving etcd restarts.
 //! * [`heartbeat`]: `cilium/.heartbeat` tracking (reader) and writing.
 //! * [`backoff`]: the exponential backoff shared by the above.
+//! * [`auth`]: applies a users-and-roles plan ([`crate::wire::users`]) through etcd's Auth API
+//!   and enables authentication.
 //!
 //! The files depend one way: `client` uses `config`, `backoff` and `error`; `lease` and
-//! `listwatch` use `client`; `heartbeat` uses `listwatch`. This file only declares them and
+//! `listwatch` use `client`; `heartbeat` uses `listwatch`; `auth` uses `client`. This file only declares them and
 //! re-exports what callers use.
 
+pub mod auth;
 pub mod backoff;
 pub mod client;
 pub mod config;

@@ -7,6 +7,7 @@
 //! * [`keys`]: every etcd key and prefix, state vs cache, canaries, watch prefixes.
 //! * [`config`], [`node`], [`service`], [`ipcache`]: the value types.
 //! * [`timestamp`]: RFC 3339 values of heartbeats and sync canaries.
+//! * [`users`]: the etcd users and roles of a cluster's kvstore (who reads and writes what).
 //! * [`validate`]: decoding with Cilium's acceptance rules, returning [`Rejection`]s.
 
 pub mod config;
@@ -17,6 +18,7 @@ pub mod keys;
 pub mod node;
 pub mod service;
 pub mod timestamp;
+pub mod users;
 pub mod validate;
 
 pub use config::{Capabilities, KvClusterConfig};

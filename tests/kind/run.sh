@@ -117,7 +117,8 @@ make_certs() {
     openssl req -newkey rsa:2048 -nodes -subj "/CN=strait-kvstore" -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
     openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
         -extfile "$d/server.ext" -out "$d/server.crt" 2>/dev/null
-    for who in local remote; do
+    # CN = etcd user (deploy/README.md): kvstoremesh, agents, remote clusters.
+    for who in "admin-${CLUSTER_NAME[$c]}" "agent-${CLUSTER_NAME[$c]}" remote; do
         printf 'extendedKeyUsage=clientAuth\n' >"$d/$who.ext"
         openssl req -newkey rsa:2048 -nodes -subj "/CN=$who" -keyout "$d/$who.key" -out "$d/$who.csr" 2>/dev/null
         openssl x509 -req -in "$d/$who.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
@@ -140,7 +141,10 @@ key-file: /etc/strait/kvstore/tls.key
 EOF
     kc "$c" -n kube-system create secret generic strait-kvstore-client \
         --from-file=etcd-config.yaml="$d/etcd-config.yaml" --from-file=ca.crt="$d/ca.crt" \
-        --from-file=tls.crt="$d/local.crt" --from-file=tls.key="$d/local.key"
+        --from-file=tls.crt="$d/agent-${CLUSTER_NAME[$c]}.crt" --from-file=tls.key="$d/agent-${CLUSTER_NAME[$c]}.key"
+    kc "$c" -n kube-system create secret generic strait-kvstore-admin \
+        --from-file=etcd-config.yaml="$d/etcd-config.yaml" --from-file=ca.crt="$d/ca.crt" \
+        --from-file=tls.crt="$d/admin-${CLUSTER_NAME[$c]}.crt" --from-file=tls.key="$d/admin-${CLUSTER_NAME[$c]}.key"
 
     # Per-cluster layer over deploy/overlays/kind.
     mkdir -p "$o"

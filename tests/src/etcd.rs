@@ -180,16 +180,30 @@ impl EtcdServer {
     /// A client certificate and key with CN `cn`, issued by this server's CA (TLS mode only),
     /// as PEM files in the server's directory.
     pub fn client_cert(&self, cn: &str) -> (PathBuf, PathBuf) {
-        let tls = self.tls.as_ref().expect("client certificates need a TLS server");
+        let tls = self
+            .tls
+            .as_ref()
+            .expect("client certificates need a TLS server");
         let ca_key = std::fs::read_to_string(&tls.ca_key).expect("reading the CA key");
         let ca = Issuer::new(
             ca_params(TEST_CA_CN),
             KeyPair::from_pem(&ca_key).expect("parsing the CA key"),
         );
-        let (cert, key) = leaf_cert(&ca, cn, Vec::new(), vec![ExtendedKeyUsagePurpose::ClientAuth]);
+        let (cert, key) = leaf_cert(
+            &ca,
+            cn,
+            Vec::new(),
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        );
         let safe: String = cn
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let cert_path = self.dir().join(format!("client-{safe}.crt"));
         let key_path = self.dir().join(format!("client-{safe}.key"));
@@ -460,8 +474,8 @@ fn leaf_cert(
 fn generate_tls(dir: &Path) -> EtcdTls {
     let ca_key = KeyPair::generate().expect("generating the CA key");
     let ca_key_pem = ca_key.serialize_pem();
-    let ca = CertifiedIssuer::self_signed(ca_params(TEST_CA_CN), ca_key)
-        .expect("self-signing the CA");
+    let ca =
+        CertifiedIssuer::self_signed(ca_params(TEST_CA_CN), ca_key).expect("self-signing the CA");
 
     // etcd 3.4's gRPC gateway dials its own port presenting the server certificate, so with
     // --client-cert-auth that certificate needs clientAuth too.

@@ -658,3 +658,91 @@ fn kind_script_and_containerfile_are_well_formed() {
         );
     }
 }
+
+/// The kvstore etcd authenticates by client certificate and kvstoremesh sets up the users
+/// and roles (`tests/tests/etcd_auth.rs` checks what they allow): kvstoremesh holds the admin
+/// certificate, agents their own, and the arguments parse as `strait kvstoremesh`'s.
+#[test]
+fn kvstore_authorises_by_certificate_and_kvstoremesh_sets_up_its_users() {
+    use clap::Parser as _;
+    let m = Manifests::from_files(&[deploy().join("base/kvstoremesh.yaml")]);
+    let spec = m.deployments[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    let container = |name: &str| {
+        spec.containers
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no {name} container"))
+            .clone()
+    };
+    let etcd_args = container("etcd").args.unwrap();
+    assert!(etcd_args.iter().any(|a| a == "--client-cert-auth=true"));
+    assert!(
+        etcd_args
+            .iter()
+            .any(|a| a.starts_with("--trusted-ca-file="))
+    );
+    let kvstoremesh = container("kvstoremesh");
+    let args = kvstoremesh.args.clone().unwrap();
+    assert!(args.iter().any(|a| a == "--init-etcd-auth"), "{args:?}");
+    let cli = strait::cli::Cli::try_parse_from(
+        std::iter::once("strait".to_owned()).chain(args.iter().cloned()),
+    )
+    .unwrap_or_else(|e| panic!("kvstoremesh args do not parse: {e}"));
+    match cli.command {
+        strait::cli::Command::Kvstoremesh(a) => assert!(a.init_etcd_auth),
+        other => panic!("not kvstoremesh: {other:?}"),
+    }
+    let secret_of = |spec: &PodSpec, container: &Container, mount_path: &str| {
+        let mount = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|v| v.mount_path == mount_path)
+            .unwrap_or_else(|| panic!("{} does not mount {mount_path}", container.name));
+        spec.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .and_then(|v| v.secret.as_ref())
+            .and_then(|s| s.secret_name.clone())
+    };
+    assert_eq!(
+        secret_of(&spec, &kvstoremesh, "/etc/strait/kvstore").as_deref(),
+        Some("strait-kvstore-admin")
+    );
+    let agents = Manifests::from_files(&[deploy().join("base/daemonset.yaml")]);
+    let agent_spec = agents.daemonsets[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    assert_eq!(
+        secret_of(
+            &agent_spec,
+            &agent_spec.containers[0],
+            "/etc/strait/kvstore"
+        )
+        .as_deref(),
+        Some("strait-kvstore-client")
+    );
+    let examples = Manifests::from_files(&[deploy().join("examples/clustermesh-secrets.yaml")]);
+    for name in ["strait-kvstore-admin", "strait-kvstore-client"] {
+        assert!(
+            examples
+                .secrets
+                .iter()
+                .any(|s| s.metadata.name.as_deref() == Some(name)),
+            "example Secret {name}"
+        );
+    }
+}

@@ -121,7 +121,12 @@ async fn populate_europe(admin: &EtcdClient) {
     )
     .await;
     put(admin, "cilium/.heartbeat", "2026-01-01T00:00:00Z").await;
-    put(admin, "cilium/.strait/service-exporter/cluster-europe", "me").await;
+    put(
+        admin,
+        "cilium/.strait/service-exporter/cluster-europe",
+        "me",
+    )
+    .await;
 }
 
 /// A TLS etcd for europe with its data, users and roles, authentication on.
@@ -261,14 +266,22 @@ async fn remote_credentials_read_only_what_a_clustermesh_reader_needs_and_write_
     assert_denied!(
         "an unknown user writing",
         intruder
-            .put("cilium/state/nodes/v1/cluster-europe/x", b"x".to_vec(), None)
+            .put(
+                "cilium/state/nodes/v1/cluster-europe/x",
+                b"x".to_vec(),
+                None
+            )
             .await
     );
     // The local KVStoreMesh reader (Cilium's local-<cluster>) reads the cache, not the state.
     let local = connect(&etcd, "local-cluster-europe").await;
     assert_eq!(local.list_prefix("cilium/cache/").await.unwrap().len(), 1);
     assert_eq!(
-        local.list_prefix("cilium/cluster-config/").await.unwrap().len(),
+        local
+            .list_prefix("cilium/cluster-config/")
+            .await
+            .unwrap()
+            .len(),
         2
     );
     assert_denied!(
@@ -439,7 +452,10 @@ async fn agent_credentials_write_their_own_cluster_and_nothing_else() {
         .unwrap()
         .is_none()
     {
-        assert!(tokio::time::Instant::now() < deadline, "node never published");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node never published"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for key in [
@@ -496,7 +512,11 @@ async fn init_is_idempotent_purges_unauthorised_writes_and_repairs_tampering() {
     put(&early, "cilium/state/nodes/v1/cluster-usa/planted", "x").await;
     let lease = Lease::grant(&early, Duration::from_secs(60)).await.unwrap();
     early
-        .put("cilium/state/ip/v1/default/0.0.0.0/0", b"x".to_vec(), Some(lease.id()))
+        .put(
+            "cilium/state/ip/v1/default/0.0.0.0/0",
+            b"x".to_vec(),
+            Some(lease.id()),
+        )
         .await
         .unwrap();
 
@@ -504,11 +524,21 @@ async fn init_is_idempotent_purges_unauthorised_writes_and_repairs_tampering() {
     let plan = clustermesh_plan(USA, &["cluster-europe".into(), "cluster-asia".into()]);
     let first = auth::apply(&admin, &plan).await.expect("first init");
     assert!(first.first_enable, "{first:?}");
-    assert_eq!((first.purged_keys, first.purged_leases), (2, 1), "{first:?}");
+    assert_eq!(
+        (first.purged_keys, first.purged_leases),
+        (2, 1),
+        "{first:?}"
+    );
     assert!(admin.list_prefix("cilium/").await.unwrap().is_empty());
     assert_denied!(
         "remote writing after init",
-        early.put("cilium/state/nodes/v1/cluster-usa/planted", b"x".to_vec(), None).await
+        early
+            .put(
+                "cilium/state/nodes/v1/cluster-usa/planted",
+                b"x".to_vec(),
+                None
+            )
+            .await
     );
 
     let again = auth::apply(&admin, &plan).await.expect("second init");
@@ -530,8 +560,12 @@ async fn init_is_idempotent_purges_unauthorised_writes_and_repairs_tampering() {
     )
     .await
     .unwrap();
-    a.user_grant_role("remote-cluster-gone", "remote").await.unwrap();
-    a.user_revoke_role("agent-cluster-usa", "agent").await.unwrap();
+    a.user_grant_role("remote-cluster-gone", "remote")
+        .await
+        .unwrap();
+    a.user_revoke_role("agent-cluster-usa", "agent")
+        .await
+        .unwrap();
     let remote = connect(&etcd, "remote").await;
     put(&remote, "cilium/state/nodes/v1/cluster-usa/tampered", "x").await;
 
@@ -542,7 +576,9 @@ async fn init_is_idempotent_purges_unauthorised_writes_and_repairs_tampering() {
     assert!(!repair.first_enable, "{repair:?}");
     assert_denied!(
         "remote writing after the repair",
-        remote.put("cilium/state/nodes/v1/cluster-usa/x", b"x".to_vec(), None).await
+        remote
+            .put("cilium/state/nodes/v1/cluster-usa/x", b"x".to_vec(), None)
+            .await
     );
     let gone = connect(&etcd, "remote-cluster-gone").await;
     assert_denied!(

@@ -67,11 +67,7 @@ pub async fn run(args: EtcdArgs) -> anyhow::Result<()> {
 }
 
 /// Applies the clustermesh plan of `cluster` and logs what changed.
-pub async fn init(
-    client: &EtcdClient,
-    cluster: &str,
-    args: &AuthUsersArgs,
-) -> anyhow::Result<()> {
+pub async fn init(client: &EtcdClient, cluster: &str, args: &AuthUsersArgs) -> anyhow::Result<()> {
     let plan = users::clustermesh_plan(cluster, &args.remote_users);
     let report = auth::apply(client, &plan)
         .await

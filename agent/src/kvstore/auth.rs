@@ -184,7 +184,10 @@ pub async fn apply(client: &EtcdClient, plan: &AuthPlan) -> Result<AuthReport> {
         report.users_removed.push(stale.clone());
     }
 
-    debug_assert!(plan.user(ROOT_USER).is_some_and(|u| u.roles.iter().any(|r| r == ROOT_ROLE)));
+    debug_assert!(
+        plan.user(ROOT_USER)
+            .is_some_and(|u| u.roles.iter().any(|r| r == ROOT_ROLE))
+    );
     // A no-op when already enabled.
     client.call("auth-enable", "", auth.auth_enable()).await?;
 
@@ -202,7 +205,11 @@ pub async fn apply(client: &EtcdClient, plan: &AuthPlan) -> Result<AuthReport> {
         let leases = client.call("lease-leases", "", lease.leases()).await?;
         for l in leases.leases() {
             client
-                .call("lease-revoke", &format!("lease {:x}", l.id()), lease.revoke(l.id()))
+                .call(
+                    "lease-revoke",
+                    &format!("lease {:x}", l.id()),
+                    lease.revoke(l.id()),
+                )
                 .await?;
             report.purged_leases += 1;
         }

@@ -144,9 +144,9 @@ impl AuthPlan {
         user.roles.iter().any(|role| {
             role == ROOT_ROLE
                 || self.role(role).is_some_and(|r| {
-                    r.grants.iter().any(|g| {
-                        (!write || g.access == Access::ReadWrite) && g.range.contains(key)
-                    })
+                    r.grants
+                        .iter()
+                        .any(|g| (!write || g.access == Access::ReadWrite) && g.range.contains(key))
                 })
         })
     }
@@ -201,7 +201,10 @@ pub fn remote_role_ranges(cluster: &str) -> Vec<KeyRange> {
 pub fn agent_role_ranges(cluster: &str) -> Vec<KeyRange> {
     vec![
         KeyRange::dir(&format!("{NODE_STORE_PREFIX}/{cluster}")),
-        KeyRange::dir(&format!("{IP_IDENTITIES_PATH}/{}", super::keys::DEFAULT_ADDRESS_SPACE)),
+        KeyRange::dir(&format!(
+            "{IP_IDENTITIES_PATH}/{}",
+            super::keys::DEFAULT_ADDRESS_SPACE
+        )),
         KeyRange::dir(IDENTITIES_PATH),
     ]
 }
@@ -280,7 +283,10 @@ mod tests {
                 end: b"cilium/state0".to_vec()
             }
         );
-        assert_eq!(KeyRange::dir("cilium/state/"), KeyRange::dir("cilium/state"));
+        assert_eq!(
+            KeyRange::dir("cilium/state/"),
+            KeyRange::dir("cilium/state")
+        );
         assert_eq!(
             remote_role_ranges("c1")[2],
             KeyRange {
@@ -292,10 +298,18 @@ mod tests {
 
     #[test]
     fn user_names_as_cilium_names_them() {
-        let names: Vec<&str> = plan().users.iter().map(|u| u.name.as_str()).collect();
+        let plan = plan();
+        let names: Vec<&str> = plan.users.iter().map(|u| u.name.as_str()).collect();
         assert_eq!(
             names,
-            ["root", "admin-c1", "local-c1", "remote", "agent-c1", "remote-c2"]
+            [
+                "root",
+                "admin-c1",
+                "local-c1",
+                "remote",
+                "agent-c1",
+                "remote-c2"
+            ]
         );
         assert_eq!(user_for_cluster("admin", ""), "admin");
     }

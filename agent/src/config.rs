@@ -48,6 +48,9 @@ pub struct AgentConfig {
     pub metrics_address: SocketAddr,
     #[serde(default)]
     pub wireguard: WireguardSection,
+    /// Where health probes may go and how many (`underlayCIDRs`, `maxProbesPerCluster`).
+    #[serde(default)]
+    pub health: crate::health::HealthSection,
     /// Read this cluster's Services and EndpointSlices from YAML files in this directory
     /// (demo, dev VMs, tests) instead of the Kubernetes API.
     #[serde(default)]

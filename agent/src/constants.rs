@@ -58,5 +58,14 @@ pub const WIREGUARD_GO_ENV: &str = "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD
 /// deletes or replaces a route someone else created. Shown as `proto 161` by `ip route`.
 pub const RTPROT_STRAIT: u8 = 0xa1;
 
+/// Metric of strict mode's `unreachable` fallback under every route into the WireGuard
+/// device: when the device vanishes (wireguard-go died) its routes go with it and this one
+/// drops the traffic instead of the default route sending it in clear.
+pub const STRICT_FALLBACK_METRIC: u32 = 0xa1a1;
+
+/// How often the encryption agent checks that its wireguard-go is alive, so a dead one is
+/// restarted (and its peers and routes restored) without waiting for the next resync.
+pub const WIREGUARD_LIVENESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Cilium's kvstore lease TTL (15 min); shorter in tests.
 pub const NODE_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);

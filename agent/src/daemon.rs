@@ -97,9 +97,13 @@ async fn node_pod_cidrs_from(
 /// marked datapath-down; that is worth a warning, not a failed start (e.g. the port is taken).
 async fn start_health(
     ip: std::net::IpAddr,
+    section: &crate::health::HealthSection,
     state: StateHandle,
     metrics: Metrics,
-) -> Vec<AbortOnDrop> {
+) -> (
+    Vec<AbortOnDrop>,
+    Option<tokio::sync::watch::Receiver<crate::health::HealthReport>>,
+) {
     let addr = std::net::SocketAddr::new(ip, crate::health::HEALTH_PORT);
     let mut tasks = Vec::new();
     match crate::health::responder(addr).await {
@@ -108,13 +112,19 @@ async fn start_health(
             tracing::warn!(error = %e, "health responder not running: other nodes may take this node's cluster for down")
         }
     }
-    match crate::health::prober(ip, state, metrics, Default::default()).await {
-        Ok(t) => tasks.push(t),
+    let cfg = crate::health::HealthConfig::new(section, ip);
+    tracing::info!(underlay = ?cfg.underlay, "health probes go to remote node addresses in these ranges only");
+    let mut report = None;
+    match crate::health::prober(std::net::SocketAddr::new(ip, 0), state, metrics, cfg).await {
+        Ok((t, r)) => {
+            tasks.push(t);
+            report = Some(r);
+        }
         Err(e) => {
             tracing::warn!(error = %e, "health prober not running: remote cluster loss is only seen through the kvstore")
         }
     }
-    tasks
+    (tasks, report)
 }
 
 /// Starts the local endpoint source: this node's pods get identities, published ipcache
@@ -292,7 +302,13 @@ pub async fn run(
         pod_cidrs,
         wireguard_pubkey: encryption.as_ref().map(|e| e.public_key()),
     };
-    let _health = start_health(node.internal_ip, state.clone(), metrics.clone()).await;
+    let (_health, health_report) = start_health(
+        node.internal_ip,
+        &config.health,
+        state.clone(),
+        metrics.clone(),
+    )
+    .await;
     let _endpoints = match &local_source {
         Some(source) => Some(
             start_endpoints(
@@ -343,6 +359,7 @@ pub async fn run(
         mesh: mesh.clone(),
         encryption: encryption.clone(),
         datapath: datapath.clone(),
+        health: health_report,
     };
     let status: api::StatusFn = Arc::new(move || status.build());
     let api_server = tokio::spawn({

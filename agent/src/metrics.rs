@@ -88,6 +88,9 @@ pub struct Metrics {
     pub datapath_map_errors: Family<MapOpLabels, Counter>,
     pub datapath_map_entries: Family<MapLabels, Gauge>,
     pub ipcache_refused: Family<ClusterReasonLabels, Counter>,
+    pub health_refused: Family<ClusterReasonLabels, Counter>,
+    pub health_probes_sent: Counter,
+    pub health_replies_rejected: Counter,
 }
 
 impl Default for Metrics {
@@ -105,7 +108,26 @@ impl Metrics {
         let (datapath_drops, datapath_map_errors, datapath_map_entries) =
             (Family::default(), Family::default(), Family::default());
         let (remote_datapath_up, ipcache_refused) = (Family::default(), Family::default());
+        let (health_refused, health_probes_sent, health_replies_rejected) =
+            (Family::default(), Counter::default(), Counter::default());
         let mut registry = Registry::with_prefix("strait");
+        registry.register(
+            "health_refused_targets",
+            "remote node addresses the health prober refuses to probe, by cluster and reason \
+             (outside-underlay, not-unicast, local); each counts once when it appears",
+            health_refused.clone(),
+        );
+        registry.register(
+            "health_probes_sent",
+            "health probes sent to remote nodes",
+            health_probes_sent.clone(),
+        );
+        registry.register(
+            "health_replies_rejected",
+            "health replies ignored: not from a probed address and port, or not carrying the \
+             nonce of a probe in flight (spoofed, replayed or late)",
+            health_replies_rejected.clone(),
+        );
         registry.register(
             "kvstore_rejected",
             "kvstore values refused by validation, by cluster, kind and reason",
@@ -183,6 +205,9 @@ impl Metrics {
             datapath_map_errors,
             datapath_map_entries,
             ipcache_refused,
+            health_refused,
+            health_probes_sent,
+            health_replies_rejected,
         }
     }
 

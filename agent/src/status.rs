@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::DatapathAgent,
+    health::{HealthReport, RefusedTarget},
     mesh::{manager::ClusterMesh, remote::RemoteClusterStatus, sync::SyncFlags},
     state::{self, StateHandle},
     wireguard::{DeviceStatus, EncryptionAgent},
@@ -31,6 +32,8 @@ pub struct StatusSources {
     pub mesh: Arc<ClusterMesh>,
     pub encryption: Option<Arc<EncryptionAgent>>,
     pub datapath: Option<Arc<DatapathAgent>>,
+    /// The health prober's report, when it runs.
+    pub health: Option<tokio::sync::watch::Receiver<HealthReport>>,
 }
 
 impl StatusSources {
@@ -44,6 +47,11 @@ impl StatusSources {
         let model = self.state.read();
         let counts = model.counts(&self.cluster);
         let refusals = state::owned_endpoints(&model).refusals;
+        let health = self
+            .health
+            .as_ref()
+            .map(|h| h.borrow().clone())
+            .unwrap_or_default();
         AgentStatus {
             version: env!("CARGO_PKG_VERSION").into(),
             cluster: LocalStatus {
@@ -75,6 +83,8 @@ impl StatusSources {
                         detail: r.reason.to_string(),
                     })
                     .collect(),
+                num_health_refused: health.num_refused,
+                health_refused: health.refused,
             },
             encryption,
             datapath,
@@ -125,6 +135,12 @@ pub struct ClusterMeshStatus {
     pub num_ipcache_refused: usize,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ipcache_refused: Vec<IpcacheRefusedStatus>,
+    /// Remote node addresses the health prober refuses (outside the underlay ranges, not
+    /// unicast, this node), and the first of them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub num_health_refused: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health_refused: Vec<RefusedTarget>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -240,6 +256,26 @@ impl AgentStatus {
                 }
             );
         }
+        if mesh.num_health_refused > 0 {
+            let listed: Vec<String> = mesh
+                .health_refused
+                .iter()
+                .take(3)
+                .map(|r| format!("{} {} ({})", r.cluster, r.address, r.reason))
+                .collect();
+            let more = mesh.num_health_refused - listed.len();
+            let _ = writeln!(
+                out,
+                "Health:        {} remote node addresses not probed: {}{}",
+                mesh.num_health_refused,
+                listed.join(", "),
+                if more > 0 {
+                    format!(", and {more} more")
+                } else {
+                    String::new()
+                }
+            );
+        }
         match &self.datapath {
             None => {
                 let _ = writeln!(out, "Datapath:      disabled");
@@ -322,6 +358,8 @@ mod tests {
                         detail: "outside".into(),
                     })
                     .collect(),
+                num_health_refused: 0,
+                health_refused: vec![],
             },
             encryption: None,
             datapath: None,

@@ -87,13 +87,15 @@ fn pod_traffic_between_two_clusters_is_encrypted_on_the_underlay() {
     assert!(peer.last_handshake_unix.is_some(), "{peer:?}");
     assert!(peer.rx_bytes > 0 && peer.tx_bytes > 0, "{peer:?}");
 
-    let routes = strait_routes(&n1.ns);
+    let mut routes = strait_routes(&n1.ns);
+    routes.sort();
     assert_eq!(
         routes,
-        [format!(
-            "10.2.0.0/24 dev {} scope link src 10.1.0.1",
-            a.device
-        )],
+        [
+            format!("10.2.0.0/24 dev {} scope link src 10.1.0.1", a.device),
+            // Strict mode's fallback under the device route.
+            "unreachable 10.2.0.0/24 metric 41377".to_owned()
+        ],
         "node A's strait routes"
     );
     assert_eq!(link_info(&n1.ns, &a.device).1, 1500 - 80);
@@ -119,7 +121,7 @@ fn pod_traffic_between_two_clusters_is_encrypted_on_the_underlay() {
     let pid = a.agent.manager().child_pid().unwrap();
     assert_ne!(pid, crashed, "wireguard-go not restarted");
     assert!(!process_alive(crashed));
-    assert_eq!(strait_routes(&n1.ns).len(), 1);
+    assert_eq!(strait_routes(&n1.ns).len(), 2);
     assert_eq!(link_info(&n1.ns, &a.device).1, 1500 - 80);
     let mut again =
         tcp_connect(&n1.pod, tcp.addr, CONNECT).expect("pod A -> pod B after a restart");
@@ -505,7 +507,8 @@ fn strict_mode_keeps_traffic_to_a_peerless_pod_cidr_off_the_underlay() {
         routes,
         [
             format!("10.2.0.0/24 dev {} scope link src 10.1.0.1", a.device),
-            "unreachable 10.0.0.0/8".to_owned()
+            "unreachable 10.0.0.0/8".to_owned(),
+            "unreachable 10.2.0.0/24 metric 41377".to_owned(),
         ]
     );
     let capture = Capture::start(&n1.ns, &n1.underlay_if);
@@ -718,12 +721,14 @@ fn kernel_backend_carries_pod_traffic_through_the_tunnel() {
     let wg = String::from_utf8_lossy(&wg.stdout);
     println!("wg show {} (node A):\n{wg}", a.device);
     assert!(wg.contains("latest handshake"), "{wg}");
+    let mut routes = strait_routes(&n1.ns);
+    routes.sort();
     assert_eq!(
-        strait_routes(&n1.ns),
-        [format!(
-            "10.2.0.0/24 dev {} scope link src 10.1.0.1",
-            a.device
-        )],
+        routes,
+        [
+            format!("10.2.0.0/24 dev {} scope link src 10.1.0.1", a.device),
+            "unreachable 10.2.0.0/24 metric 41377".to_owned()
+        ],
         "node A's strait routes"
     );
     assert_eq!(link_info(&n1.ns, &a.device).1, 1500 - 80);
@@ -833,4 +838,237 @@ fn routes_of_a_previous_run_are_kept_until_the_first_full_sync() {
     second.set_synced(true);
     rt.block_on(second.reconcile(&empty)).unwrap();
     assert_eq!(routes(), ["unreachable 10.0.0.0/8"]);
+}
+
+/// Fail closed (issue 13): the default configuration (strict, no hand-written supernet) keeps
+/// an `unreachable` fallback under every route into the device. wireguard-go is killed by PID
+/// while a pod streams UDP to a remote pod: its device and the routes into it vanish, and not
+/// one packet with a pod address reaches the underlay (the node's default route and the
+/// router's plaintext path would carry it). The agent restarts wireguard-go on its own and the
+/// stream resumes, encrypted.
+#[test]
+fn killing_wireguard_go_drops_pod_traffic_never_sends_it_in_clear_and_it_resumes() {
+    use std::{
+        net::UdpSocket,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+    };
+    require_privileges();
+    let topo = Topology::new(2, None);
+    let (n1, n2) = (&topo.nodes[0], &topo.nodes[1]);
+    let rt = runtime();
+    let a = NodeAgent::start(&rt, n1, "c1", 1, "node-a", |_| {});
+    let b = NodeAgent::start(&rt, n2, "c2", 2, "node-b", |_| {});
+    assert!(a.agent.manager().child_pid().is_some(), "userspace backend");
+    publish_mesh(&rt, &[(&a, n1), (&b, n2)]);
+    let udp = UdpEcho::start(&n2.pod, sa(n2.pod_ip, 7300));
+    udp_roundtrip(&n1.pod, udp.addr, b"before").expect("encrypted path up");
+    let fallback = "unreachable 10.2.0.0/24 metric 41377".to_owned();
+
+    let capture = Capture::start(&n1.ns, &n1.underlay_if);
+    // The pod's stream: a connected socket, so the node's ICMP "unreachable" surfaces here.
+    let sock = n1
+        .pod
+        .run(|| UdpSocket::bind("0.0.0.0:0"))
+        .expect("pod socket");
+    sock.connect(udp.addr).unwrap();
+    // Host-unreachable is a soft error: reported to the socket only with IP_RECVERR.
+    {
+        use std::os::fd::AsRawFd as _;
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVERR,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "IP_RECVERR: {}", std::io::Error::last_os_error());
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(2)))
+        .unwrap();
+    let (stop, echoed, unreachable) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let sender = {
+        let (stop, echoed, unreachable) = (stop.clone(), echoed.clone(), unreachable.clone());
+        std::thread::spawn(move || {
+            let unreach = |e: &std::io::Error| {
+                matches!(
+                    e.raw_os_error(),
+                    Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH)
+                )
+            };
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::Relaxed) {
+                if let Err(e) = sock.send(b"stream") {
+                    if unreach(&e) {
+                        unreachable.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                match sock.recv(&mut buf) {
+                    Ok(_) => {
+                        echoed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) if unreach(&e) => {
+                        unreachable.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || echoed.load(Ordering::Relaxed)
+            > 10),
+        "the stream does not flow before the kill"
+    );
+
+    let device_present = || {
+        std::process::Command::new("ip")
+            .args(["-n", n1.ns.name(), "link", "show", "dev", &a.device])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    // The agent may restart wireguard-go before the stream hits the gap: then kill again.
+    let mut dropped_in_the_gap = false;
+    let mut pid = a.agent.manager().child_pid().unwrap();
+    for _attempt in 0..5 {
+        let before = unreachable.load(Ordering::Relaxed);
+        // SAFETY: kill(2) on the PID of a child of this process (strait's wireguard-go).
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        assert!(
+            wait_until(Duration::from_secs(10), || !device_present()
+                || a.agent.manager().child_pid() != Some(pid)),
+            "the device outlived wireguard-go"
+        );
+        dropped_in_the_gap = wait_until(Duration::from_secs(5), || {
+            unreachable.load(Ordering::Relaxed) > before
+                || a.agent.manager().child_pid().is_some_and(|p| p != pid)
+        }) && unreachable.load(Ordering::Relaxed) > before;
+        // Back on its own, with a new process, without any model change.
+        assert!(
+            wait_until(Duration::from_secs(20), || a
+                .agent
+                .manager()
+                .child_pid()
+                .is_some_and(|p| p != pid)),
+            "wireguard-go not restarted"
+        );
+        assert!(!process_alive(pid));
+        pid = a.agent.manager().child_pid().unwrap();
+        if dropped_in_the_gap {
+            break;
+        }
+    }
+    if !dropped_in_the_gap {
+        // Say first whether it leaked (what today's main does).
+        stop.store(true, Ordering::Relaxed);
+        sender.join().unwrap();
+        assert_only_wireguard(
+            &capture.finish(),
+            &[n1.underlay_ip, n2.underlay_ip],
+            WIREGUARD_PORT,
+        );
+        panic!("the pod's stream was never answered `unreachable` while the device was gone");
+    }
+    let resumed_from = echoed.load(Ordering::Relaxed);
+    assert!(
+        wait_until(Duration::from_secs(20), || echoed.load(Ordering::Relaxed)
+            > resumed_from + 10),
+        "the stream did not resume after wireguard-go came back"
+    );
+    stop.store(true, Ordering::Relaxed);
+    sender.join().unwrap();
+    let lines = capture.finish();
+    assert_only_wireguard(&lines, &[n1.underlay_ip, n2.underlay_ip], WIREGUARD_PORT);
+    let mut routes = strait_routes(&n1.ns);
+    routes.sort();
+    assert_eq!(
+        routes,
+        [
+            format!("10.2.0.0/24 dev {} scope link src 10.1.0.1", a.device),
+            fallback
+        ]
+    );
+    drop(udp);
+    a.stop(&rt);
+    b.stop(&rt);
+}
+
+/// Strict mode with the device missing (wireguard-go dead and not restartable): the reconcile
+/// fails, but every known remote pod CIDR, also one learnt meanwhile, gets its `unreachable`
+/// route; once the device is back the routes into it return above the fallbacks, and a
+/// node that leaves takes its fallback along.
+#[test]
+fn strict_fallbacks_are_installed_without_the_device_and_go_with_their_node() {
+    use strait::routing::{RouteInputs, RouteReconciler, RoutingConfig, RoutingError};
+    require_privileges();
+    let ns = Netns::new();
+    let dev = unique_name("dm");
+    let rt = runtime();
+    let netns = TargetNetns::from_path(&netns_path(&ns)).unwrap();
+    let mut r = rt
+        .block_on(async {
+            RouteReconciler::new(
+                RoutingConfig {
+                    underlay_mtu: Some(1500),
+                    ..RoutingConfig::default()
+                },
+                &dev,
+                netns,
+            )
+        })
+        .unwrap();
+    let inputs = RouteInputs {
+        encrypted: vec![("10.2.0.0/24".parse().unwrap(), "c2/node-b".into())],
+        missing_peer: vec![("10.3.0.0/24".parse().unwrap(), "c3/node-c".into())],
+        local_pod_cidrs: vec!["10.1.0.0/24".parse().unwrap()],
+        ..RouteInputs::default()
+    };
+    let routes = || {
+        let mut r = strait_routes(&ns);
+        r.sort();
+        r
+    };
+    let err = rt.block_on(r.reconcile(&inputs)).unwrap_err();
+    assert!(matches!(err, RoutingError::DeviceMissing { .. }), "{err}");
+    assert_eq!(
+        routes(),
+        [
+            "unreachable 10.2.0.0/24 metric 41377",
+            "unreachable 10.3.0.0/24"
+        ]
+    );
+
+    // The device appears (any link serves: a veth pair).
+    let peer = unique_name("dp");
+    ip_in(
+        &ns,
+        &["link", "add", &dev, "type", "veth", "peer", "name", &peer],
+    );
+    ip_in(&ns, &["link", "set", &peer, "up"]);
+    rt.block_on(r.reconcile(&inputs)).unwrap();
+    assert_eq!(
+        routes(),
+        [
+            format!("10.2.0.0/24 dev {dev} scope link"),
+            "unreachable 10.2.0.0/24 metric 41377".to_owned(),
+            "unreachable 10.3.0.0/24".to_owned(),
+        ]
+    );
+    // Node B leaves: its device route and its fallback go.
+    let gone = RouteInputs {
+        encrypted: vec![],
+        ..inputs.clone()
+    };
+    rt.block_on(r.reconcile(&gone)).unwrap();
+    assert_eq!(routes(), ["unreachable 10.3.0.0/24"]);
 }

@@ -10,6 +10,7 @@ use crate::{
         DatapathStatus,
         flows::{FlowPeer, FlowRecord},
     },
+    health::RefusedTarget,
     mesh::remote::{RemoteClusterStatus, RemoteConfigStatus, SyncedStatus},
     status::{AgentStatus, ClusterMeshStatus, IpcacheRefusedStatus, LocalStatus},
     wireguard::{BackendKind, DeviceStatus, PeerStatus},
@@ -116,6 +117,16 @@ impl From<ClusterMeshStatus> for pb::ClusterMeshStatus {
             datapath_down: s.datapath_down,
             num_ipcache_refused: s.num_ipcache_refused as u64,
             ipcache_refused: s.ipcache_refused.into_iter().map(Into::into).collect(),
+            num_health_refused: s.num_health_refused as u64,
+            health_refused: s
+                .health_refused
+                .into_iter()
+                .map(|r| pb::HealthRefused {
+                    cluster: r.cluster,
+                    address: r.address.to_string(),
+                    reason: r.reason,
+                })
+                .collect(),
         }
     }
 }
@@ -137,6 +148,18 @@ impl TryFrom<pb::ClusterMeshStatus> for ClusterMeshStatus {
                 .into_iter()
                 .map(TryInto::try_into)
                 .collect::<Result<_, _>>()?,
+            num_health_refused: count("cluster_mesh.num_health_refused", s.num_health_refused)?,
+            health_refused: s
+                .health_refused
+                .into_iter()
+                .map(|r| {
+                    Ok(RefusedTarget {
+                        address: parse("cluster_mesh.health_refused.address", &r.address)?,
+                        cluster: r.cluster,
+                        reason: r.reason,
+                    })
+                })
+                .collect::<Result<_, ConvertError>>()?,
         })
     }
 }
@@ -489,6 +512,12 @@ mod tests {
                     prefix: "0.0.0.0/0".parse().unwrap(),
                     reason: "outside-pod-cidrs".into(),
                     detail: "outside the pod CIDRs and addresses of the cluster's nodes".into(),
+                }],
+                num_health_refused: 1,
+                health_refused: vec![crate::health::RefusedTarget {
+                    cluster: "cluster-mars".into(),
+                    address: "8.8.8.8".parse().unwrap(),
+                    reason: "outside-underlay".into(),
                 }],
             },
             encryption: Some(DeviceStatus {

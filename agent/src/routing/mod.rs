@@ -8,7 +8,10 @@
 //!
 //! Strict mode installs `unreachable` routes for remote pod CIDRs that have no peer (and for
 //! configured supernets), so a missing peer never sends pod traffic in clear via the default
-//! route. The drop is silent for flow visibility today: flow events for these drops come
+//! route; and under every route into the device an `unreachable` fallback at
+//! [`STRICT_FALLBACK_METRIC`], which does not depend on the device: when the device vanishes
+//! (wireguard-go died, strait stopped it) its routes go with it and the fallback drops the
+//! traffic until the device is back. The drop is silent for flow visibility today: flow events for these drops come
 //! later, with the eBPF datapath.
 //!
 
@@ -35,7 +38,7 @@ pub use netns::TargetNetns;
 pub use plan::{DesiredRoute, RouteInputs, RoutePlan, RouteTarget, plan_routes};
 
 use crate::{
-    constants::{RTPROT_STRAIT, WIREGUARD_MTU_OVERHEAD},
+    constants::{RTPROT_STRAIT, STRICT_FALLBACK_METRIC, WIREGUARD_MTU_OVERHEAD},
     hostnet::{route_destination, route_ip, route_table},
     netns::NetnsError,
 };
@@ -228,6 +231,19 @@ impl RouteReconciler {
         let mut report = RouteReport::default();
         let links = self.links().await?;
         let Some(dev) = links.iter().find(|l| l.name == self.device).cloned() else {
+            // The device is gone (wireguard-go died) and its routes with it. Strict mode still
+            // puts every drop in place, so prefixes learnt meanwhile fail closed too.
+            if self.cfg.strict {
+                let plan = plan_routes(&self.cfg, inputs, None, None);
+                let installed = self.owned_routes().await?;
+                for want in plan.routes.values() {
+                    if want.fallback {
+                        let _ = self.ensure_fallback(want, &installed, &mut report).await;
+                    } else if want.target == RouteTarget::Unreachable {
+                        let _ = self.ensure(want, 0, &installed, &mut report).await;
+                    }
+                }
+            }
             return Err(RoutingError::DeviceMissing {
                 device: self.device.clone(),
                 netns: self.netns.to_string(),
@@ -265,62 +281,46 @@ impl RouteReconciler {
 
         let installed = self.owned_routes().await?;
         let mut first_error = None;
-        for (prefix, want) in &plan.routes {
-            // strait installs priority 0 only; a replace targets exactly that route.
-            let op = match installed
-                .get(prefix)
-                .map(|have| (have.len(), have.iter().find(|r| r.priority == 0)))
+        for want in plan.routes.values() {
+            // The fallback first: the device route above it may vanish any time.
+            if want.fallback
+                && let Err(e) = self.ensure_fallback(want, &installed, &mut report).await
             {
-                Some((1, Some(r))) if same_route(r, want, dev.index) => continue,
-                Some((_, Some(_))) => "replace",
-                _ => "add",
-            };
-            match self.install(want, dev.index, op == "replace").await {
-                Ok(()) => {
-                    tracing::debug!(%prefix, owner = %want.owner, target = ?want.target, op, "route");
-                    if op == "add" {
-                        report.added += 1;
-                    } else {
-                        report.replaced += 1;
-                    }
-                }
-                Err(RoutingError::Route { source, .. }) if is_errno(&source, libc::EEXIST) => {
-                    let why = format!(
-                        "{prefix} ({}): a route strait does not own already exists for it",
-                        want.owner
-                    );
-                    self.log_once(
-                        &why,
-                        || tracing::error!(reason = %why, "not routing a prefix"),
-                    );
-                    report.skipped.push(why);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "route reconcile");
-                    first_error.get_or_insert(e);
-                }
+                first_error.get_or_insert(e);
+            }
+            if let Err(e) = self.ensure(want, dev.index, &installed, &mut report).await {
+                first_error.get_or_insert(e);
             }
         }
         for (prefix, have) in installed {
             // Every prefix no longer wanted, and for wanted ones any strait route with another
-            // priority (someone edited it by hand): the priority-0 route was handled above.
-            let keep = plan.routes.contains_key(&prefix);
-            for route in have {
+            // priority (someone edited it by hand): the priority-0 route and a wanted fallback
+            // were handled above.
+            let want = plan.routes.get(&prefix);
+            let keep = want.is_some();
+            let primary = have.iter().any(|r| r.priority == 0);
+            for route in have.iter() {
                 if keep && route.priority == 0 {
+                    continue;
+                }
+                if route.priority == STRICT_FALLBACK_METRIC && want.is_some_and(|w| w.fallback) {
                     continue;
                 }
                 if !keep && !self.synced && !self.planned.contains(&prefix) {
                     // Maybe just not synced yet: removed after the first full sync. The guard
-                    // mirrors what is routed, so it keeps this route too.
+                    // mirrors what is routed, so it keeps this route too (a fallback alone
+                    // means the device route is gone: dropped).
                     if route.priority == 0 {
                         report.guard.push((
                             prefix,
                             route.kind != RouteType::Unreachable && route.oif == Some(dev.index),
                         ));
+                    } else if !primary && route.priority == STRICT_FALLBACK_METRIC {
+                        report.guard.push((prefix, false));
                     }
                     continue;
                 }
-                match self.delete(&route).await {
+                match self.delete(route).await {
                     Ok(()) => {
                         tracing::debug!(%prefix, "route removed");
                         report.removed += 1;
@@ -342,6 +342,105 @@ impl RouteReconciler {
         match first_error {
             Some(e) => Err(e),
             None => Ok(report),
+        }
+    }
+
+    /// Makes strait's priority-0 route for `want` what it should be (`oif`: the device).
+    async fn ensure(
+        &mut self,
+        want: &DesiredRoute,
+        oif: u32,
+        installed: &BTreeMap<IpNet, Vec<Installed>>,
+        report: &mut RouteReport,
+    ) -> Result<(), RoutingError> {
+        // strait's own priority-0 route: a replace targets exactly that one.
+        let op = match installed.get(&want.prefix).map(|have| {
+            (
+                have.iter().filter(|r| r.priority == 0).count(),
+                have.iter().find(|r| r.priority == 0),
+            )
+        }) {
+            Some((1, Some(r))) if same_route(r, want, oif) => return Ok(()),
+            Some((_, Some(_))) => "replace",
+            _ => "add",
+        };
+        let result = self
+            .install(
+                want.prefix,
+                want.target,
+                0,
+                &want.owner,
+                oif,
+                op == "replace",
+            )
+            .await;
+        self.note(want, op, "route", result, report)
+    }
+
+    /// Makes the strict-mode `unreachable` fallback under `want` exist.
+    async fn ensure_fallback(
+        &mut self,
+        want: &DesiredRoute,
+        installed: &BTreeMap<IpNet, Vec<Installed>>,
+        report: &mut RouteReport,
+    ) -> Result<(), RoutingError> {
+        let have = installed
+            .get(&want.prefix)
+            .and_then(|have| have.iter().find(|r| r.priority == STRICT_FALLBACK_METRIC));
+        let op = match have {
+            Some(r) if r.kind == RouteType::Unreachable => return Ok(()),
+            Some(_) => "replace",
+            None => "add",
+        };
+        let result = self
+            .install(
+                want.prefix,
+                RouteTarget::Unreachable,
+                STRICT_FALLBACK_METRIC,
+                &want.owner,
+                0,
+                op == "replace",
+            )
+            .await;
+        self.note(want, op, "fallback route", result, report)
+    }
+
+    /// Counts a route change, or reports a foreign route in the way once and skips it.
+    fn note(
+        &mut self,
+        want: &DesiredRoute,
+        op: &str,
+        what: &str,
+        result: Result<(), RoutingError>,
+        report: &mut RouteReport,
+    ) -> Result<(), RoutingError> {
+        let prefix = want.prefix;
+        match result {
+            Ok(()) => {
+                tracing::debug!(%prefix, owner = %want.owner, target = ?want.target, op, what);
+                if op == "add" {
+                    report.added += 1;
+                } else {
+                    report.replaced += 1;
+                }
+                Ok(())
+            }
+            Err(RoutingError::Route { source, .. }) if is_errno(&source, libc::EEXIST) => {
+                let why = format!(
+                    "{prefix} ({}): a {what} strait does not own already exists for it",
+                    want.owner
+                );
+                self.log_once(
+                    &why,
+                    || tracing::error!(reason = %why, "not routing a prefix"),
+                );
+                report.skipped.push(why);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "route reconcile");
+                Err(e)
+            }
         }
     }
 
@@ -489,18 +588,23 @@ impl RouteReconciler {
 
     async fn install(
         &self,
-        want: &DesiredRoute,
+        prefix: IpNet,
+        target: RouteTarget,
+        priority: u32,
+        owner: &str,
         oif: u32,
         replace: bool,
     ) -> Result<(), RoutingError> {
-        let prefix = want.prefix;
         let err = |reason: String| RoutingError::Invalid { prefix, reason };
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(prefix.addr(), prefix.prefix_len())
             .map_err(|e| err(e.to_string()))?
             .table_id(self.cfg.table)
             .protocol(RouteProtocol::Other(RTPROT_STRAIT));
-        match want.target {
+        if priority != 0 {
+            b = b.priority(priority);
+        }
+        match target {
             RouteTarget::Device { src } => {
                 b = b
                     .output_interface(oif)
@@ -521,7 +625,7 @@ impl RouteReconciler {
         req.execute().await.map_err(|source| RoutingError::Route {
             op: if replace { "replace" } else { "add" },
             prefix,
-            owner: want.owner.clone(),
+            owner: owner.to_owned(),
             source: Box::new(source),
         })
     }

@@ -44,6 +44,10 @@ pub struct DesiredRoute {
     pub target: RouteTarget,
     /// Node (`cluster/name`) or `strict-cidr` the route exists for.
     pub owner: String,
+    /// Strict mode, route into the device: also an `unreachable` route for the same prefix at
+    /// [`STRICT_FALLBACK_METRIC`](crate::constants::STRICT_FALLBACK_METRIC), which outlives
+    /// the device.
+    pub fallback: bool,
 }
 
 /// The routes strait wants, keyed by prefix, plus human-readable reasons for prefixes it
@@ -95,6 +99,7 @@ pub fn plan_routes(
             prefix,
             target: RouteTarget::Device { src },
             owner: owner.clone(),
+            fallback: cfg.strict,
         });
     }
 
@@ -133,6 +138,7 @@ pub fn plan_routes(
                     prefix,
                     target: RouteTarget::Unreachable,
                     owner,
+                    fallback: false,
                 },
             );
         }
@@ -178,6 +184,10 @@ mod tests {
             RouteTarget::Unreachable
         );
         assert!(plan.skipped.is_empty(), "{:?}", plan.skipped);
+        // Strict: the device route keeps an unreachable fallback under it; the unreachable
+        // route needs none.
+        assert!(plan.routes[&net("10.2.0.0/24")].fallback);
+        assert!(!plan.routes[&net("10.3.0.0/24")].fallback);
 
         let lax = RoutingConfig {
             strict: false,
@@ -189,6 +199,7 @@ mod tests {
             plan.routes[&net("10.2.0.0/24")].target,
             RouteTarget::Device { src: None }
         );
+        assert!(!plan.routes[&net("10.2.0.0/24")].fallback);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tokio::{
 
 use super::{DeviceStatus, WireguardConfig, WireguardError, WireguardManager};
 use crate::{
+    constants::WIREGUARD_LIVENESS_INTERVAL,
     routing::{RouteReconciler, RoutingConfig, TargetNetns},
     state::{StateHandle, Versions},
 };
@@ -142,8 +143,8 @@ impl EncryptionAgent {
     }
 
     /// Stops the loop and the device's wireguard-go. Routes stay: strict-mode `unreachable`
-    /// routes keep failing closed while strait is down, and routes into a userspace device
-    /// vanish with it.
+    /// routes (the fallbacks under the device routes among them) keep failing closed while
+    /// strait is down, and routes into a userspace device vanish with it.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -253,12 +254,21 @@ async fn run(
         };
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
+        let mut liveness = tokio::time::interval(WIREGUARD_LIVENESS_INTERVAL);
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Wait for something that matters: nodes/endpoints (not identities or services),
         // the sync flag, the timer, or stop.
         loop {
             tokio::select! {
                 _ = &mut stop => return,
                 _ = &mut deadline => break,
+                // wireguard-go died: its device and routes are gone (strict mode's fallbacks
+                // drop the traffic meanwhile); the pass restarts it.
+                _ = liveness.tick() => {
+                    if manager.child_exited() {
+                        break;
+                    }
+                }
                 changed = versions.changed() => {
                     if changed.is_err() {
                         return; // the state model is gone

@@ -167,6 +167,15 @@ impl WireguardManager {
         self.lock().child.as_ref().and_then(WgGoChild::pid)
     }
 
+    /// Whether the wireguard-go child strait owns has exited (its device went with it): the
+    /// agent then reconciles at once rather than at the next resync. `false` while another
+    /// call holds the device.
+    pub fn child_exited(&self) -> bool {
+        self.inner
+            .try_lock()
+            .is_ok_and(|mut inner| inner.child.as_mut().is_some_and(|c| c.exited().is_some()))
+    }
+
     /// A planner configured for this node and device.
     pub fn planner(&self) -> PeerPlanner {
         PeerPlanner::new(PlannerOptions {

@@ -14,8 +14,8 @@ use strait_common::{
         SockRevNatValue,
     },
     policy::{
-        CtKey, CtValue, DEFAULT_CT_MAX, DEFAULT_ENDPOINTS_MAX, DEFAULT_POLICY_MAX, EndpointInfo,
-        PolicyKey, PolicyValue,
+        CtKey, CtValue, DEFAULT_CT_MAX, DEFAULT_ENDPOINTS_MAX, DEFAULT_FRAG_MAX,
+        DEFAULT_POLICY_MAX, EndpointInfo, FragKey, FragValue, PolicyKey, PolicyValue,
     },
 };
 
@@ -52,6 +52,10 @@ pub static POLICY: LpmTrie<PolicyKey, PolicyValue> =
 
 #[map(name = "CT4")]
 pub static CT4: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_CT_MAX, 0);
+
+#[map(name = "FRAG4")]
+pub static FRAG4: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(DEFAULT_FRAG_MAX, 0);
 
 #[map(name = "FLOW_EVENTS")]
 pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_FLOW_RING_BYTES, 0);

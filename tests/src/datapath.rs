@@ -402,3 +402,99 @@ impl PodNode {
         Self { node, pods }
     }
 }
+
+/// The Internet checksum (RFC 1071) of `data`.
+pub fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An ICMP error message (`icmp_type`, `code`, the 4 bytes after the checksum) about a packet
+/// from `src` to `dst` of protocol `proto`: its IPv4 header and first 8 bytes of L4, as a
+/// router or host embeds them. Checksum filled in.
+pub fn icmp_error(
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    proto: u8,
+) -> Vec<u8> {
+    let about = frame(src, dst, proto);
+    let mut msg = vec![icmp_type, code, 0, 0];
+    msg.extend_from_slice(&rest);
+    msg.extend_from_slice(&about[14..14 + 20 + 8]);
+    let sum = inet_checksum(&msg);
+    msg[2..4].copy_from_slice(&sum.to_be_bytes());
+    msg
+}
+
+/// An Ethernet + IPv4 frame carrying `payload` (for `BPF_PROG_TEST_RUN`): `frag` is the
+/// flags + fragment offset field (host order), e.g. `0x2000` for a first fragment.
+pub fn ipv4_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    id: u16,
+    frag: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 20];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&id.to_be_bytes());
+    ip[6..8].copy_from_slice(&frag.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Sends `msg` (a complete ICMP message) to `dst` through a raw socket of the calling
+/// thread's namespace; the kernel adds the IPv4 header.
+pub fn send_icmp(dst: Ipv4Addr, msg: &[u8]) -> std::io::Result<()> {
+    // SAFETY: plain socket call; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: valid buffer and address for the given lengths.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    let result = if sent < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    };
+    // SAFETY: our own fd.
+    unsafe { libc::close(fd) };
+    result
+}

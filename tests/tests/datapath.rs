@@ -240,7 +240,7 @@ fn policy_verdicts_by_test_run() {
 }
 
 #[test]
-fn policy_applies_to_new_flows_and_unselected_endpoints_allow_all() {
+fn policy_changes_apply_to_established_flows_and_unselected_endpoints_allow_all() {
     require_privileges();
     let mut rig = PolicyRig::new(&[("10.1.0.6/32", ipc(2000, 1))]);
     let spec = |policy| EndpointSpec {
@@ -267,8 +267,23 @@ fn policy_applies_to_new_flows_and_unselected_endpoints_allow_all() {
         .unwrap();
     assert_eq!(
         rig.run(false, &old_flow),
-        TC_ACT_OK,
-        "the established flow keeps working"
+        TC_ACT_SHOT,
+        "the established flow is checked again under the new policy"
+    );
+    assert_eq!(
+        rig.run(false, &old_flow),
+        TC_ACT_SHOT,
+        "and stays denied (its conntrack entry is gone)"
+    );
+    // The server's side of the ended connection (a retransmission: ACK, no SYN) still
+    // leaves through its unenforced egress, but does not reopen the flow as a reply leg.
+    let mut retransmission = frame(sa("10.2.0.7:5432"), sa("10.1.0.6:41000"), 6);
+    retransmission[14 + 20 + 13] = 0x18;
+    assert_eq!(rig.run(true, &retransmission), TC_ACT_OK);
+    assert_eq!(
+        rig.run(false, &old_flow),
+        TC_ACT_SHOT,
+        "the client's packets stay denied after the server's retransmission"
     );
     assert_eq!(
         rig.run(false, &frame(sa("10.1.0.6:41001"), sa("10.2.0.7:5432"), 6)),

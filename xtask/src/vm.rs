@@ -34,6 +34,8 @@ pub const DEFAULT_TESTS: &[&str] = &[
     // Socket LB (cgroup sock_addr programs, real connect()), policy with conntrack, flow
     // events, restart from pins.
     "datapath",
+    // Conntrack following policy changes, ICMP errors and fragments of known flows.
+    "conntrack",
     // strait's WireGuard reconciler on the kernel backend, pod traffic through the tunnel.
     "wireguard::kernel_backend_carries_pod_traffic_through_the_tunnel",
 ];

@@ -52,10 +52,13 @@ pub enum DropReason {
     /// Strict encryption: the destination is a remote pod CIDR without a WireGuard peer, so
     /// the packet would leave unencrypted.
     NoEncryptionPeer = 6,
+    /// A later fragment of a datagram whose first fragment was not seen (or not allowed) on
+    /// an enforced direction: without ports it cannot be matched to a flow.
+    FragNotFound = 7,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         DropReason::None,
         DropReason::PolicyDenied,
@@ -64,6 +67,7 @@ impl DropReason {
         DropReason::NoServiceBackend,
         DropReason::CtMapFull,
         DropReason::NoEncryptionPeer,
+        DropReason::FragNotFound,
     ];
 
     pub const fn from_u8(v: u8) -> Option<DropReason> {
@@ -84,6 +88,7 @@ impl DropReason {
             DropReason::NoServiceBackend => "no service backend",
             DropReason::CtMapFull => "conntrack map full",
             DropReason::NoEncryptionPeer => "no encryption peer (strict mode)",
+            DropReason::FragNotFound => "fragment of an unknown datagram",
         }
     }
 }

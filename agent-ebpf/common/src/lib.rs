@@ -6,7 +6,7 @@
 
 /// Bump when any map layout in this crate changes: the agent pins maps under a directory
 /// named after it, so an agent never reuses pins written with another layout.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Names of the programs and maps in the eBPF object (kernel object names: ≤ 15 bytes).
 pub mod names {
@@ -38,9 +38,10 @@ pub mod names {
     pub const MAP_DROP_COUNTERS: &str = "DROP_COUNTERS";
     pub const MAP_DP_CONFIG: &str = "DP_CONFIG";
     pub const MAP_ENCRYPT_GUARD: &str = "ENCRYPT_GUARD4";
+    pub const MAP_FRAG: &str = "FRAG4";
 
     /// Every map the agent pins (the counter program's map is per-process).
-    pub const PINNED_MAPS: [&str; 12] = [
+    pub const PINNED_MAPS: [&str; 13] = [
         MAP_LB4_SERVICES,
         MAP_LB4_BACKENDS,
         MAP_LB4_REVNAT,
@@ -53,6 +54,7 @@ pub mod names {
         MAP_DROP_COUNTERS,
         MAP_DP_CONFIG,
         MAP_ENCRYPT_GUARD,
+        MAP_FRAG,
     ];
 }
 

@@ -64,7 +64,10 @@ pub struct EndpointInfo {
     pub address: u32,
     /// `EP_FLAG_*`.
     pub flags: u32,
-    pub pad: u32,
+    /// Bumped by the agent whenever this endpoint's policy changes. A conntrack entry
+    /// remembers the revision it was last checked against; a packet of an entry with another
+    /// revision has its flow checked again, so a new deny applies to established flows too.
+    pub policy_revision: u32,
 }
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 16);
 
@@ -142,13 +145,41 @@ pub struct CtValue {
     pub reply_packets: u32,
     /// The remote identity when the flow was allowed.
     pub remote_identity: u32,
-    pub pad: u32,
+    /// The endpoint's `policy_revision` the flow was last allowed under.
+    pub policy_revision: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
+
+/// Key of the `FRAG4` LRU map: one fragmented IPv4 datagram as seen at one endpoint in one
+/// direction. Only the first fragment carries the L4 header; it leaves its ports here so the
+/// later fragments are judged as packets of the same flow (Cilium's `IPV4_FRAG_DATAGRAMS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IPv4 identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub endpoint: u32,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 16);
+
+/// Value of `FRAG4`: the first fragment's ports, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub sport: u16,
+    pub dport: u16,
+}
+const _: () = assert!(core::mem::size_of::<FragValue>() == 4);
 
 pub const DEFAULT_ENDPOINTS_MAX: u32 = 4_096;
 pub const DEFAULT_POLICY_MAX: u32 = 262_144;
 pub const DEFAULT_CT_MAX: u32 = 262_144;
+/// Datagrams in flight in fragments (an LRU: a lost last fragment costs nothing).
+pub const DEFAULT_FRAG_MAX: u32 = 8_192;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -158,6 +189,8 @@ mod pod {
     unsafe impl aya::Pod for super::EndpointInfo {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }
 
 #[cfg(test)]

@@ -241,10 +241,11 @@ pub async fn run(args: BpfArgs) -> anyhow::Result<()> {
             } else {
                 for l in &rows {
                     println!(
-                        "endpoint {} ({}), identity {}: ingress {}, egress {}",
+                        "endpoint {} ({}), identity {}, policy revision {}: ingress {}, egress {}",
                         l.endpoint,
                         l.address,
                         l.identity,
+                        l.policy_revision,
                         if l.ingress_enforced {
                             "enforced"
                         } else {

@@ -33,6 +33,8 @@ pub struct MapSizes {
     pub endpoints: u32,
     pub policy: u32,
     pub conntrack: u32,
+    /// Fragmented datagrams in flight (their first fragment's ports).
+    pub fragments: u32,
 }
 
 impl Default for MapSizes {
@@ -46,12 +48,13 @@ impl Default for MapSizes {
             endpoints: policy::DEFAULT_ENDPOINTS_MAX,
             policy: policy::DEFAULT_POLICY_MAX,
             conntrack: policy::DEFAULT_CT_MAX,
+            fragments: policy::DEFAULT_FRAG_MAX,
         }
     }
 }
 
 impl MapSizes {
-    fn entries(&self) -> [(&'static str, u32); 8] {
+    fn entries(&self) -> [(&'static str, u32); 9] {
         [
             (names::MAP_LB4_SERVICES, self.lb_services),
             (names::MAP_LB4_BACKENDS, self.lb_backends),
@@ -61,6 +64,7 @@ impl MapSizes {
             (names::MAP_ENDPOINTS, self.endpoints),
             (names::MAP_POLICY, self.policy),
             (names::MAP_CT, self.conntrack),
+            (names::MAP_FRAG, self.fragments),
         ]
     }
 }

@@ -5,6 +5,13 @@
 //! and lets a deny in either win. Within one identity the LPM returns only the most specific
 //! entry, so an allow that a broader deny of the same identity covers is written as a deny
 //! here ([`map_entries`]); the result matches [`EndpointPolicy::allows`] exactly (tested).
+//!
+//! Conntrack follows policy through a per-endpoint revision: a change that could deny a flow
+//! allowed before gives the endpoint a new revision, and the datapath checks each
+//! established flow of the endpoint again at its next packet (allowed: the entry takes the
+//! revision; denied: the entry goes). Chosen over scanning the conntrack table from here
+//! after each change: it takes effect at the next packet whatever the table's size, and
+//! packets of unchanged policy cost no extra map write.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -157,7 +164,7 @@ fn endpoint_info(spec: &EndpointSpec) -> EndpointInfo {
         identity: spec.identity,
         address: u32::from_ne_bytes(spec.address.octets()),
         flags,
-        pad: 0,
+        policy_revision: 0,
     }
 }
 
@@ -165,6 +172,10 @@ fn endpoint_info(spec: &EndpointSpec) -> EndpointInfo {
 pub struct PolicyWriter {
     endpoints: MapMirror<KernelHash<u32, EndpointInfo>>,
     policy: MapMirror<PolicyMap>,
+    /// The last policy revision given out. Revisions are unique across endpoints (an
+    /// interface index a new pod reuses never inherits old conntrack entries' revision) and
+    /// continue from what a previous agent left in the pinned map.
+    revision: u32,
 }
 
 impl PolicyWriter {
@@ -176,7 +187,8 @@ impl PolicyWriter {
         max_endpoints: u32,
         max_policy: u32,
     ) -> Result<Self, DatapathError> {
-        let endpoints = KernelHash::new(endpoints, names::MAP_ENDPOINTS, max_endpoints)?;
+        let endpoints: KernelHash<u32, EndpointInfo> =
+            KernelHash::new(endpoints, names::MAP_ENDPOINTS, max_endpoints)?;
         let policy = PolicyMap {
             map: LpmTrie::try_from(policy).map_err(|source| DatapathError::Map {
                 name: names::MAP_POLICY,
@@ -184,10 +196,25 @@ impl PolicyWriter {
             })?,
             max: max_policy,
         };
+        let endpoints = MapMirror::new(endpoints);
+        let revision = endpoints
+            .programmed()
+            .values()
+            .map(|i| i.policy_revision)
+            .max()
+            .unwrap_or(0);
         Ok(Self {
-            endpoints: MapMirror::new(endpoints),
+            endpoints,
             policy: MapMirror::new(policy),
+            revision,
         })
+    }
+
+    /// A revision no endpoint or conntrack entry has (0 is never given out: it is what an
+    /// entry written without one holds).
+    fn next_revision(&mut self) -> u32 {
+        self.revision = self.revision.wrapping_add(1).max(1);
+        self.revision
     }
 
     /// Counts map errors in `metrics`.
@@ -198,9 +225,12 @@ impl PolicyWriter {
     }
 
     /// Programs one endpoint. New entries go in before the endpoint's enforcement flags
-    /// change, and stale entries go after, so a tightening never opens a gap. An error means
-    /// the endpoint is not programmed as asked (a stale entry that could not be deleted
-    /// among them): calling again retries.
+    /// change, and stale entries go after, so a tightening never opens a gap. A change that
+    /// could deny what was allowed (an allow gone, a deny added, a direction newly enforced)
+    /// then gives the endpoint a new policy revision, last, so established flows are checked
+    /// again against the complete new entries; a change that only widens does not. An error
+    /// means the endpoint is not programmed as asked (a stale entry that could not be
+    /// deleted among them): calling again retries.
     pub fn set_endpoint(&mut self, spec: &EndpointSpec) -> Result<(), DatapathError> {
         self.retry_deletes();
         let ifindex = spec.ifindex;
@@ -215,22 +245,57 @@ impl PolicyWriter {
         want: &BTreeMap<EntryKey, bool>,
         info: EndpointInfo,
     ) -> Result<(), DatapathError> {
+        let old = self.endpoints.programmed().get(&ifindex).copied();
+        let newly_enforced = old.is_some_and(|o| info.flags & !o.flags != 0);
+        let mut narrowed = newly_enforced;
         for (k, deny) in want {
-            self.policy.write((ifindex, *k), *deny)?;
+            narrowed |= self.policy.write((ifindex, *k), *deny)? && *deny;
         }
-        self.endpoints.write(ifindex, info)?;
-        let stale: Vec<(u32, EntryKey)> = self
+        // Established flows keep their revision until the stale entries are gone too; a new
+        // endpoint starts on a revision of its own.
+        let revision = match old {
+            Some(o) => o.policy_revision,
+            None => self.next_revision(),
+        };
+        self.endpoints.write(
+            ifindex,
+            EndpointInfo {
+                policy_revision: revision,
+                ..info
+            },
+        )?;
+        let stale: Vec<((u32, EntryKey), bool)> = self
             .entries_of(ifindex)
             .filter(|(_, k)| !want.contains_key(k))
+            .map(|k| (k, self.policy.programmed()[&k]))
             .collect();
         // Every stale entry is tried; a failed one stays pending.
         let mut result = Ok(());
-        for k in stale {
-            if let Err(e) = self.policy.delete(&k) {
-                result = result.and(Err(e));
+        for (k, deny) in stale {
+            match self.policy.delete(&k) {
+                Ok(deleted) => narrowed |= deleted && !deny,
+                Err(e) => result = result.and(Err(e)),
             }
         }
+        if narrowed && old.is_some() {
+            let revision = self.next_revision();
+            self.endpoints.write(
+                ifindex,
+                EndpointInfo {
+                    policy_revision: revision,
+                    ..info
+                },
+            )?;
+        }
         result
+    }
+
+    /// The policy revision `ifindex` is programmed with (tests, `strait bpf policy list`).
+    pub fn revision(&self, ifindex: u32) -> Option<u32> {
+        self.endpoints
+            .programmed()
+            .get(&ifindex)
+            .map(|i| i.policy_revision)
     }
 
     /// Forgets an endpoint: it stops being enforced first, then its entries go. A delete
@@ -283,6 +348,7 @@ pub struct PolicyListing {
     pub identity: u32,
     pub ingress_enforced: bool,
     pub egress_enforced: bool,
+    pub policy_revision: u32,
     pub entries: Vec<PolicyListEntry>,
 }
 
@@ -319,6 +385,7 @@ pub fn list(endpoints: Map, policy: Map) -> Result<Vec<PolicyListing>, DatapathE
                     identity: info.identity,
                     ingress_enforced: info.flags & EP_FLAG_INGRESS_ENFORCED != 0,
                     egress_enforced: info.flags & EP_FLAG_EGRESS_ENFORCED != 0,
+                    policy_revision: info.policy_revision,
                     entries: Vec::new(),
                 },
             )
@@ -362,6 +429,8 @@ pub struct CtListEntry {
     pub packets: u32,
     pub reply_packets: u32,
     pub remote_identity: u32,
+    /// The endpoint's policy revision the flow was last allowed under.
+    pub policy_revision: u32,
     /// Seconds since the last packet (kernel monotonic clock).
     pub idle_seconds: u64,
 }
@@ -405,6 +474,7 @@ pub fn ct_list(map: Map) -> Result<Vec<CtListEntry>, DatapathError> {
             packets: v.packets,
             reply_packets: v.reply_packets,
             remote_identity: v.remote_identity,
+            policy_revision: v.policy_revision,
             idle_seconds: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
         })
         .collect();

@@ -19,7 +19,7 @@ use crate::{
     metrics::Metrics,
     publish::{
         allocator::IdentityAllocator,
-        endpoints::EndpointSource,
+        endpoints::{CniAttachments, EndpointSource},
         publisher::{self, EndpointPublisher, LocalNode},
     },
     state::StateHandle,
@@ -127,6 +127,7 @@ async fn start_endpoints(
     max: MaxConnectedClusters,
     state: StateHandle,
     objects: tokio::sync::watch::Receiver<crate::k8s::Objects>,
+    cni: CniAttachments,
 ) -> anyhow::Result<[AbortOnDrop; 2]> {
     let allocator = IdentityAllocator::new(
         client.clone(),
@@ -156,9 +157,31 @@ async fn start_endpoints(
         allocator,
         publisher: endpoints,
         state,
+        cni,
     };
     let run = tokio::spawn(source.run(objects));
     Ok([AbortOnDrop(keep), AbortOnDrop(run)])
+}
+
+/// A pod's endpoint is ready for strait-cni when the state model holds it at the address and
+/// interface the plugin set up (identity allocated) and, with the datapath on, its programs
+/// are attached with that identity in its maps.
+fn endpoint_ready(
+    state: StateHandle,
+    datapath: Option<Arc<DatapathAgent>>,
+) -> api::EndpointReadyFn {
+    Arc::new(move |namespace, name, ip, ifindex| {
+        let identity = {
+            let model = state.read();
+            let ep = model.local_endpoint(namespace, name)?;
+            let on_it = ep.interface.as_ref().map(|i| i.ifindex) == Some(ifindex);
+            (ep.ip == ip && on_it && ep.identity != 0).then_some(ep.identity)?
+        };
+        match &datapath {
+            Some(d) => (d.endpoint_identity(ifindex) == Some(identity)).then_some(identity),
+            None => Some(identity),
+        }
+    })
 }
 
 /// The eBPF datapath, when the config has a `datapath:` section.
@@ -293,6 +316,7 @@ pub async fn run(
         wireguard_pubkey: encryption.as_ref().map(|e| e.public_key()),
     };
     let _health = start_health(node.internal_ip, state.clone(), metrics.clone()).await;
+    let cni_attachments = CniAttachments::default();
     let _endpoints = match &local_source {
         Some(source) => Some(
             start_endpoints(
@@ -302,6 +326,7 @@ pub async fn run(
                 max,
                 state.clone(),
                 source.objects(),
+                cni_attachments.clone(),
             )
             .await?,
         ),
@@ -348,7 +373,11 @@ pub async fn run(
     let api_server = tokio::spawn({
         let path = config.api_socket.clone();
         let flows = datapath.as_ref().map(|d| d.flows());
-        async move { api::serve(&path, status, flows).await }
+        let cni = local_source.as_ref().map(|_| api::CniBackend {
+            attachments: cni_attachments,
+            ready: endpoint_ready(state.clone(), datapath.clone()),
+        });
+        async move { api::serve(&path, status, flows, cni).await }
     });
     let metrics_server = tokio::spawn(metrics.clone().serve(config.metrics_address));
 

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod constants;
 pub mod daemon;

@@ -31,6 +31,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("configuration", &["config"]),
     ("status document", &["status"]),
     ("agent API", &["api"]),
+    ("CNI plugin", &["cni"]),
     ("wiring", &["daemon", "error"]),
     ("command line", &["cli"]),
 ];

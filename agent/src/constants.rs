@@ -70,3 +70,9 @@ pub const CNI_AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 /// Underlay MTU strait-cni assumes when the node has no default route to read it from.
 pub const CNI_FALLBACK_UNDERLAY_MTU: u32 = 1500;
+
+/// nftables table of the egress masquerade (`masquerade`), family `ip`.
+pub const MASQUERADE_NFT_TABLE: &str = "strait_nat";
+
+/// The nftables CLI (Debian's `nftables`), found on PATH.
+pub const NFT_BIN: &str = "nft";

@@ -163,6 +163,35 @@ async fn start_endpoints(
     Ok([AbortOnDrop(keep), AbortOnDrop(run)])
 }
 
+/// The egress masquerade, when the config turns it on (IPv4 node address and pod CIDRs).
+fn start_masquerade(
+    config: &AgentConfig,
+    node: &LocalNode,
+    state: &StateHandle,
+) -> Option<AbortOnDrop> {
+    if !config.masquerade.enabled {
+        return None;
+    }
+    let std::net::IpAddr::V4(node_ip) = node.internal_ip else {
+        tracing::error!(ip = %node.internal_ip, "masquerade needs an IPv4 node address; not enabled");
+        return None;
+    };
+    let local_pods = node
+        .pod_cidrs
+        .iter()
+        .filter_map(|c| match c {
+            ipnet::IpNet::V4(v4) => Some(v4.trunc()),
+            ipnet::IpNet::V6(_) => None,
+        })
+        .collect();
+    Some(AbortOnDrop(tokio::spawn(crate::masquerade::reconcile(
+        node_ip,
+        local_pods,
+        config.masquerade.clone(),
+        state.clone(),
+    ))))
+}
+
 /// A pod's endpoint is ready for strait-cni when the state model holds it at the address and
 /// interface the plugin set up (identity allocated) and, with the datapath on, its programs
 /// are attached with that identity in its maps.
@@ -316,6 +345,7 @@ pub async fn run(
         wireguard_pubkey: encryption.as_ref().map(|e| e.public_key()),
     };
     let _health = start_health(node.internal_ip, state.clone(), metrics.clone()).await;
+    let _masquerade = start_masquerade(&config, &node, &state);
     let cni_attachments = CniAttachments::default();
     let _endpoints = match &local_source {
         Some(source) => Some(

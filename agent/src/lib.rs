@@ -15,6 +15,7 @@ pub mod hostnet;
 pub mod identity;
 pub mod k8s;
 pub mod kvstore;
+pub mod masquerade;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;

@@ -27,7 +27,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("local source", &["k8s"]),
     ("mesh, publishing, health", &["mesh", "publish", "health"]),
     ("route reconciler", &["routing"]),
-    ("reconcilers", &["datapath", "wireguard"]),
+    ("reconcilers", &["datapath", "wireguard", "masquerade"]),
     ("configuration", &["config"]),
     ("status document", &["status"]),
     ("agent API", &["api"]),

@@ -132,6 +132,8 @@ pub struct Node {
     pub pod_cidr: String,
     pub ns: Netns,
     pub outside: Netns,
+    /// The outside end of the underlay veth.
+    pub outside_if: String,
     /// Last: the thread leaves the namespace after everything else is gone.
     _guard: NodeGuard,
 }
@@ -141,6 +143,11 @@ impl Node {
     /// = name) scheduled on it. The calling thread stays inside the node's namespace until
     /// the node is dropped.
     pub fn start(pod_cidr: &str, pods: &[&str]) -> Self {
+        Self::start_with(pod_cidr, pods, "")
+    }
+
+    /// As [`Node::start`], with `extra` appended to the agent's config.
+    pub fn start_with(pod_cidr: &str, pods: &[&str], extra: &str) -> Self {
         let ns = Netns::new();
         // The underlay: a veth to a namespace standing in for the network beyond the node.
         let outside = Netns::new();
@@ -206,7 +213,7 @@ impl Node {
                  manifestsDir: {manifests}\n\
                  kubernetes: {{source: manifests}}\n\
                  wireguard: {{enabled: false}}\n\
-                 datapath: {{pinRoot: {pins}, cgroup: {cgroup}}}\n",
+                 datapath: {{pinRoot: {pins}, cgroup: {cgroup}}}\n{extra}",
                 etcd = d.join("etcd.yaml").display(),
                 mesh = d.join("clustermesh.d").display(),
                 state = d.join("state").display(),
@@ -236,6 +243,7 @@ impl Node {
             pod_cidr: pod_cidr.to_owned(),
             ns,
             outside,
+            outside_if: underlay.b.clone(),
             _guard: guard,
         };
         node.wait_agent_ready();

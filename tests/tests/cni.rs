@@ -113,14 +113,19 @@ fn add_check_del_wire_a_policed_pod_and_remove_it_all() {
     );
     assert_eq!(node.allocations(), [ip.to_owned()]);
     // The agent knew the endpoint before ADD returned: its policy program is on the veth.
-    let progs = std::process::Command::new("bpftool")
-        .args(["net", "show", "dev", &host])
-        .output()
+    // (the agent's own status counts the endpoint as programmed in its maps).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
         .unwrap();
-    let progs = String::from_utf8_lossy(&progs.stdout);
-    assert!(
-        progs.contains("ingress"),
-        "no policy program on {host}: {progs}"
+    let status = rt
+        .block_on(strait::api::fetch_status(&node.socket()))
+        .expect("agent status");
+    assert_eq!(
+        status.datapath.as_ref().map(|d| d.endpoints),
+        Some(1),
+        "{:?}",
+        status.datapath
     );
     // Traffic flows: the pod reaches its gateway's host (the node's underlay address).
     let ping = std::process::Command::new("ip")
@@ -368,4 +373,149 @@ fn gc_releases_what_is_not_valid_and_keeps_the_rest() {
     gc["cni.dev/valid-attachments"] = json!([]);
     assert!(exec(&call("GC", "", None, ""), &gc).success);
     assert!(host_veths().is_empty() && node.allocations().is_empty());
+}
+
+/// Accepts one TCP connection in `ns` on `addr`, echoes a line, and returns the peer address.
+fn tcp_echo_once(ns: &Netns, addr: &str) -> std::thread::JoinHandle<std::net::SocketAddr> {
+    use std::io::{BufRead as _, Write as _};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ns, addr) = (ns.name().to_owned(), addr.to_owned());
+    let h = std::thread::spawn(move || {
+        let _in = strait::netns::NetnsGuard::enter(&ns).unwrap();
+        let l = std::net::TcpListener::bind(&addr).unwrap();
+        tx.send(()).unwrap();
+        let (s, peer) = l.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+        (&s).write_all(line.as_bytes()).unwrap();
+        peer
+    });
+    rx.recv().unwrap();
+    h
+}
+
+/// From `ns`: connects to `addr`, sends a line, returns the echo (`Err` if no reply came).
+fn tcp_hello(ns: &Netns, addr: &str) -> Result<String, String> {
+    use std::io::{BufRead as _, Write as _};
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    ns.run(move || {
+        let timeout = std::time::Duration::from_secs(5);
+        let s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(timeout)).unwrap();
+        (&s).write_all(b"hello\n").map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        std::io::BufReader::new(&s)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        Ok(line)
+    })
+}
+
+/// Receives one UDP datagram in `ns` on `addr` and returns its source.
+fn udp_recv_once(ns: &Netns, addr: &str) -> std::thread::JoinHandle<std::net::SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ns, addr) = (ns.name().to_owned(), addr.to_owned());
+    let h = std::thread::spawn(move || {
+        let _in = strait::netns::NetnsGuard::enter(&ns).unwrap();
+        let s = std::net::UdpSocket::bind(&addr).unwrap();
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 64];
+        s.recv_from(&mut buf).unwrap().1
+    });
+    rx.recv().unwrap();
+    h
+}
+
+fn udp_send(ns: &Netns, addr: &str) {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    ns.run(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"hi", addr).unwrap();
+    });
+}
+
+#[test]
+fn masquerade_snats_egress_only_outside_the_mesh() {
+    require_privileges();
+    // 192.168.78.0/24 sits beyond the node, like the internet, but is configured exempt.
+    let node = Node::start_with(
+        CIDR,
+        &["client", "server"],
+        "masquerade: {enabled: true, nonMasqueradeCIDRs: [192.168.78.0/24]}\n",
+    );
+    ip_in(
+        node.outside.name(),
+        &["addr", "add", "192.168.78.1/32", "dev", &node.outside_if],
+    );
+    ip_out(&[
+        "route",
+        "add",
+        "192.168.78.0/24",
+        "via",
+        strait_tests::cni::OUTSIDE_IP,
+    ]);
+    let (client, server) = (Netns::new(), Netns::new());
+    let conf = node.conf("1.1.0");
+    let c = assert_added(&exec(
+        &call("ADD", "cli", Some(&netns_path(&client)), "client"),
+        &conf,
+    ));
+    let s = assert_added(&exec(
+        &call("ADD", "srv", Some(&netns_path(&server)), "server"),
+        &conf,
+    ));
+    let ip_of = |r: &Value| {
+        r["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches("/32")
+            .to_owned()
+    };
+    let (client_ip, server_ip) = (ip_of(&c), ip_of(&s));
+    // The rules are applied asynchronously by the agent: wait for the table.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::process::Command::new("nft")
+        .args(["list", "table", "ip", "strait_nat"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no masquerade table:\n{}",
+            node.agent_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // To the outside: the source is the node, and the reply comes back.
+    let seen = tcp_echo_once(&node.outside, "192.168.77.254:7070");
+    assert_eq!(
+        tcp_hello(&client, "192.168.77.254:7070").as_deref(),
+        Ok("hello\n")
+    );
+    let peer = seen.join().unwrap();
+    assert_eq!(
+        peer.ip().to_string(),
+        strait_tests::cni::NODE_IP,
+        "egress is SNATed to the node"
+    );
+
+    // To a configured non-masquerade CIDR: the pod's own address.
+    let seen = udp_recv_once(&node.outside, "192.168.78.1:7071");
+    udp_send(&client, "192.168.78.1:7071");
+    assert_eq!(seen.join().unwrap().ip().to_string(), client_ip);
+
+    // Pod to pod: never masqueraded.
+    let seen = tcp_echo_once(&server, &format!("{server_ip}:7072"));
+    assert_eq!(
+        tcp_hello(&client, &format!("{server_ip}:7072")).as_deref(),
+        Ok("hello\n")
+    );
+    assert_eq!(seen.join().unwrap().ip().to_string(), client_ip);
+
+    for (cid, ns) in [("cli", &client), ("srv", &server)] {
+        assert!(exec(&call("DEL", cid, Some(&netns_path(ns)), "x"), &conf).success);
+    }
 }

@@ -4,6 +4,19 @@
 //! (`ipam`), wires a veth (`net`), and returns only once the agent reports the pod's
 //! endpoint ready (identity allocated, policy attached), so no pod runs unpoliced. Every
 //! failure undoes what the call did and prints a spec error object on stdout.
+//!
+//! The conflist a runtime reads (e.g. `/etc/cni/net.d/05-strait.conflist`):
+//!
+//! ```json
+//! {"cniVersion": "1.0.0", "cniVersions": ["1.0.0", "1.1.0"], "name": "strait",
+//!  "plugins": [{"type": "strait-cni", "podCIDR": "10.1.1.0/24",
+//!               "encryption": "wireguard", "mtu": 0,
+//!               "agentSocket": "/var/run/strait/strait.sock",
+//!               "dataDir": "/var/lib/cni/strait"}]}
+//! ```
+//!
+//! Only `podCIDR` is required; `mtu` 0 or unset means the underlay MTU (`underlayInterface`,
+//! else the default route's interface) less 80 bytes for WireGuard (`encryption: none`: 0).
 
 use std::{
     io::Read as _,

@@ -10,7 +10,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::{
-    constants, datapath::DatapathSection, k8s::LocalSourceConfig, mesh::limits::RemoteLimits,
+    constants, datapath::DatapathSection, k8s::LocalSourceConfig, masquerade::MasqueradeSection,
+    mesh::limits::RemoteLimits,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,9 @@ pub struct AgentConfig {
     /// API server). Absent: the manifests directory if set, else no local source.
     #[serde(default)]
     pub kubernetes: Option<KubernetesSection>,
+    /// SNAT of pod egress leaving the mesh (`masquerade: {enabled: true}`).
+    #[serde(default)]
+    pub masquerade: MasqueradeSection,
 }
 
 /// `clustermesh:` — how remote clusters are consumed.

@@ -69,3 +69,19 @@ pub const WIREGUARD_LIVENESS_INTERVAL: std::time::Duration = std::time::Duration
 
 /// Cilium's kvstore lease TTL (15 min); shorter in tests.
 pub const NODE_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// strait-cni's address allocations, one directory per network name (like host-local's
+/// `/var/lib/cni/networks`).
+pub const CNI_DATA_DIR: &str = "/var/lib/cni/strait";
+
+/// How long strait-cni's ADD waits for the agent to report the pod's endpoint ready.
+pub const CNI_AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Underlay MTU strait-cni assumes when the node has no default route to read it from.
+pub const CNI_FALLBACK_UNDERLAY_MTU: u32 = 1500;
+
+/// nftables table of the egress masquerade (`masquerade`), family `ip`.
+pub const MASQUERADE_NFT_TABLE: &str = "strait_nat";
+
+/// The nftables CLI (Debian's `nftables`), found on PATH.
+pub const NFT_BIN: &str = "nft";

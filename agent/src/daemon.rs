@@ -19,7 +19,7 @@ use crate::{
     metrics::Metrics,
     publish::{
         allocator::IdentityAllocator,
-        endpoints::EndpointSource,
+        endpoints::{CniAttachments, EndpointSource},
         publisher::{self, EndpointPublisher, LocalNode},
     },
     state::StateHandle,
@@ -137,6 +137,7 @@ async fn start_endpoints(
     max: MaxConnectedClusters,
     state: StateHandle,
     objects: tokio::sync::watch::Receiver<crate::k8s::Objects>,
+    cni: CniAttachments,
 ) -> anyhow::Result<[AbortOnDrop; 2]> {
     let allocator = IdentityAllocator::new(
         client.clone(),
@@ -166,9 +167,60 @@ async fn start_endpoints(
         allocator,
         publisher: endpoints,
         state,
+        cni,
     };
     let run = tokio::spawn(source.run(objects));
     Ok([AbortOnDrop(keep), AbortOnDrop(run)])
+}
+
+/// The egress masquerade, when the config turns it on (IPv4 node address and pod CIDRs).
+fn start_masquerade(
+    config: &AgentConfig,
+    node: &LocalNode,
+    state: &StateHandle,
+) -> Option<AbortOnDrop> {
+    if !config.masquerade.enabled {
+        return None;
+    }
+    let std::net::IpAddr::V4(node_ip) = node.internal_ip else {
+        tracing::error!(ip = %node.internal_ip, "masquerade needs an IPv4 node address; not enabled");
+        return None;
+    };
+    let local_pods = node
+        .pod_cidrs
+        .iter()
+        .filter_map(|c| match c {
+            ipnet::IpNet::V4(v4) => Some(v4.trunc()),
+            ipnet::IpNet::V6(_) => None,
+        })
+        .collect();
+    Some(AbortOnDrop(tokio::spawn(crate::masquerade::reconcile(
+        node_ip,
+        local_pods,
+        config.masquerade.clone(),
+        state.clone(),
+    ))))
+}
+
+/// A pod's endpoint is ready for strait-cni when the state model holds it at the address and
+/// interface the plugin set up (identity allocated) and, with the datapath on, its programs
+/// are attached with that identity in its maps.
+fn endpoint_ready(
+    state: StateHandle,
+    datapath: Option<Arc<DatapathAgent>>,
+) -> api::EndpointReadyFn {
+    Arc::new(move |namespace, name, ip, ifindex| {
+        let identity = {
+            let model = state.read();
+            let ep = model.local_endpoint(namespace, name)?;
+            let on_it = ep.interface.as_ref().map(|i| i.ifindex) == Some(ifindex);
+            (ep.ip == ip && on_it && ep.identity != 0).then_some(ep.identity)?
+        };
+        match &datapath {
+            Some(d) => (d.endpoint_identity(ifindex) == Some(identity)).then_some(identity),
+            None => Some(identity),
+        }
+    })
 }
 
 /// The eBPF datapath, when the config has a `datapath:` section.
@@ -309,6 +361,8 @@ pub async fn run(
         metrics.clone(),
     )
     .await;
+    let _masquerade = start_masquerade(&config, &node, &state);
+    let cni_attachments = CniAttachments::default();
     let _endpoints = match &local_source {
         Some(source) => Some(
             start_endpoints(
@@ -318,6 +372,7 @@ pub async fn run(
                 max,
                 state.clone(),
                 source.objects(),
+                cni_attachments.clone(),
             )
             .await?,
         ),
@@ -365,7 +420,11 @@ pub async fn run(
     let api_server = tokio::spawn({
         let path = config.api_socket.clone();
         let flows = datapath.as_ref().map(|d| d.flows());
-        async move { api::serve(&path, status, flows).await }
+        let cni = local_source.as_ref().map(|_| api::CniBackend {
+            attachments: cni_attachments,
+            ready: endpoint_ready(state.clone(), datapath.clone()),
+        });
+        async move { api::serve(&path, status, flows, cni).await }
     });
     let metrics_server = tokio::spawn(metrics.clone().serve(config.metrics_address));
 

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod constants;
 pub mod daemon;
@@ -14,6 +15,7 @@ pub mod hostnet;
 pub mod identity;
 pub mod k8s;
 pub mod kvstore;
+pub mod masquerade;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;

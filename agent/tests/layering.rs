@@ -27,10 +27,11 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("local source", &["k8s"]),
     ("mesh, publishing, health", &["mesh", "publish", "health"]),
     ("route reconciler", &["routing"]),
-    ("reconcilers", &["datapath", "wireguard"]),
+    ("reconcilers", &["datapath", "wireguard", "masquerade"]),
     ("configuration", &["config"]),
     ("status document", &["status"]),
     ("agent API", &["api"]),
+    ("CNI plugin", &["cni"]),
     ("wiring", &["daemon", "error"]),
     ("command line", &["cli"]),
 ];

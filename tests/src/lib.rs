@@ -201,6 +201,7 @@ pub fn remove_cgroup(path: &Path) {
     let _ = std::fs::remove_dir(path);
 }
 
+pub mod cni;
 pub mod datapath;
 pub mod e2e;
 pub mod etcd;

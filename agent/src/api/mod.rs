@@ -4,8 +4,10 @@
 //! agent's types as before.
 
 use std::{
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use hyper_util::rt::TokioIo;
@@ -14,6 +16,7 @@ use tonic::{Request, Response, transport::Endpoint};
 
 use crate::{
     datapath::flows::{FlowHub, FlowRecord},
+    publish::endpoints::{CniAttachment, CniAttachments},
     status::AgentStatus,
 };
 
@@ -53,9 +56,24 @@ pub enum ApiError {
 /// Produces the current status document on demand.
 pub type StatusFn = Arc<dyn Fn() -> AgentStatus + Send + Sync>;
 
+/// Whether a local pod's endpoint is ready (identity allocated, policy attached when the
+/// datapath runs): its identity, given namespace, name, address and host ifindex.
+pub type EndpointReadyFn = Arc<dyn Fn(&str, &str, Ipv4Addr, u32) -> Option<u32> + Send + Sync>;
+
+/// What the agent needs to serve strait-cni: where attachments go, and when they are ready.
+#[derive(Clone)]
+pub struct CniBackend {
+    pub attachments: CniAttachments,
+    pub ready: EndpointReadyFn,
+}
+
+/// How often EndpointAdd looks at readiness again while it waits.
+const READY_POLL: Duration = Duration::from_millis(20);
+
 struct Service {
     status: StatusFn,
     flows: Option<FlowHub>,
+    cni: Option<CniBackend>,
 }
 
 type FlowStream =
@@ -107,11 +125,64 @@ impl pb::agent_server::Agent for Service {
         });
         Ok(Response::new(Box::pin(backlog.chain(live))))
     }
+
+    async fn endpoint_add(
+        &self,
+        request: Request<pb::EndpointAddRequest>,
+    ) -> Result<Response<pb::EndpointAddResponse>, tonic::Status> {
+        let req = request.into_inner();
+        let Some(cni) = &self.cni else {
+            return Err(tonic::Status::failed_precondition(
+                "this agent has no local source: it cannot know the pod's labels",
+            ));
+        };
+        let ip: Ipv4Addr = req.ip.parse().map_err(|_| {
+            tonic::Status::invalid_argument(format!("{:?} is not an IPv4 address", req.ip))
+        })?;
+        if req.namespace.is_empty() || req.pod.is_empty() || req.container_id.is_empty() {
+            return Err(tonic::Status::invalid_argument(
+                "container_id, namespace and pod are required",
+            ));
+        }
+        let pod = format!("{}/{}", req.namespace, req.pod);
+        cni.attachments.add(
+            &req.container_id,
+            CniAttachment {
+                namespace: req.namespace.clone(),
+                pod: req.pod.clone(),
+                ip,
+            },
+        );
+        tracing::info!(%pod, %ip, iface = req.host_interface, "CNI attached pod; waiting for its endpoint");
+        // The caller's deadline bounds the wait (a dropped call drops this future).
+        loop {
+            if let Some(identity) = (cni.ready)(&req.namespace, &req.pod, ip, req.host_ifindex) {
+                tracing::info!(%pod, %ip, identity, "endpoint ready for CNI");
+                return Ok(Response::new(pb::EndpointAddResponse { identity }));
+            }
+            tokio::time::sleep(READY_POLL).await;
+        }
+    }
+
+    async fn endpoint_delete(
+        &self,
+        request: Request<pb::EndpointDeleteRequest>,
+    ) -> Result<Response<pb::EndpointDeleteResponse>, tonic::Status> {
+        if let Some(cni) = &self.cni {
+            cni.attachments.remove(&request.into_inner().container_id);
+        }
+        Ok(Response::new(pb::EndpointDeleteResponse {}))
+    }
 }
 
 /// Serves the API on `path` until the future is dropped. A stale socket file from an earlier
 /// run is replaced.
-pub async fn serve(path: &Path, status: StatusFn, flows: Option<FlowHub>) -> Result<(), ApiError> {
+pub async fn serve(
+    path: &Path,
+    status: StatusFn,
+    flows: Option<FlowHub>,
+    cni: Option<CniBackend>,
+) -> Result<(), ApiError> {
     let listen_err = |source| ApiError::Listen {
         path: path.into(),
         source,
@@ -130,6 +201,7 @@ pub async fn serve(path: &Path, status: StatusFn, flows: Option<FlowHub>) -> Res
         .add_service(pb::agent_server::AgentServer::new(Service {
             status,
             flows,
+            cni,
         }))
         .serve_with_incoming(UnixListenerStream::new(listener))
         .await
@@ -216,5 +288,32 @@ pub async fn observe(
             source,
         })?);
     }
+    Ok(())
+}
+
+/// Tells the agent on `path` that strait-cni attached a pod; returns the pod's identity once
+/// its endpoint is ready.
+pub async fn endpoint_add(path: &Path, req: pb::EndpointAddRequest) -> Result<u32, ApiError> {
+    let response = client(path)
+        .await?
+        .endpoint_add(req)
+        .await
+        .map_err(|source| ApiError::Call {
+            path: path.into(),
+            source,
+        })?;
+    Ok(response.into_inner().identity)
+}
+
+/// Tells the agent on `path` that strait-cni detached a pod.
+pub async fn endpoint_delete(path: &Path, req: pb::EndpointDeleteRequest) -> Result<(), ApiError> {
+    client(path)
+        .await?
+        .endpoint_delete(req)
+        .await
+        .map_err(|source| ApiError::Call {
+            path: path.into(),
+            source,
+        })?;
     Ok(())
 }

@@ -27,6 +27,7 @@ pub(super) async fn reconcile(
     mut datapath: Datapath,
     mut policy: PolicyWriter,
     status: Arc<Mutex<DatapathStatus>>,
+    programmed: Arc<Mutex<BTreeMap<u32, u32>>>,
 ) {
     let mut versions = state.subscribe();
     // Interfaces with the programs attached, with what their maps hold (`None`: nothing yet).
@@ -101,6 +102,11 @@ pub(super) async fn reconcile(
         policy.retry_deletes();
         pending |= policy.pending();
         status.lock().unwrap_or_else(|p| p.into_inner()).endpoints = policy.endpoints().count();
+        // What the agent API reports ready to strait-cni: attached, with its maps written.
+        *programmed.lock().unwrap_or_else(|p| p.into_inner()) = attached
+            .iter()
+            .filter_map(|(i, spec)| Some((*i, spec.as_ref()?.identity)))
+            .collect();
         tokio::select! {
             r = versions.wait_for(|v| v.local_endpoints != seen) => if r.is_err() { return },
             _ = tokio::time::sleep(RETRY), if pending => {}

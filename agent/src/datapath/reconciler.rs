@@ -4,7 +4,7 @@
 //! drop counters. It is the only writer of those maps.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -49,6 +49,8 @@ pub fn cgroup2_root() -> Option<PathBuf> {
 
 pub struct DatapathAgent {
     status: Arc<Mutex<DatapathStatus>>,
+    /// Local endpoints with programs attached and maps written: ifindex → identity.
+    programmed: Arc<Mutex<BTreeMap<u32, u32>>>,
     flows: FlowHub,
     _tasks: Vec<AbortOnDrop>,
 }
@@ -109,12 +111,14 @@ impl DatapathAgent {
             ..Default::default()
         }));
         let flows = FlowHub::new(4096);
+        let programmed = Arc::new(Mutex::new(BTreeMap::new()));
         let mut tasks = Vec::new();
         tasks.push(AbortOnDrop(tokio::spawn(endpoints::reconcile(
             state.clone(),
             dp,
             policy,
             status.clone(),
+            programmed.clone(),
         ))));
         tasks.push(AbortOnDrop(tokio::spawn(follow_guard(
             state.clone(),
@@ -139,6 +143,7 @@ impl DatapathAgent {
         tasks.push(AbortOnDrop(tokio::spawn(housekeeping(ct, drops, metrics))));
         Ok(Self {
             status,
+            programmed,
             flows,
             _tasks: tasks,
         })
@@ -149,6 +154,16 @@ impl DatapathAgent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The identity the datapath enforces for the endpoint on `ifindex`, once its programs
+    /// are attached and its maps written.
+    pub fn endpoint_identity(&self, ifindex: u32) -> Option<u32> {
+        self.programmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ifindex)
+            .copied()
     }
 
     pub fn flows(&self) -> FlowHub {

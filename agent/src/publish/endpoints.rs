@@ -7,6 +7,10 @@
 //!
 //! The host-side interface is the one the node routes the pod's /32 to (what a CNI plugin
 //! sets up), read from the routing table.
+//!
+//! A pod's address comes from its object's `status.podIP`, or earlier from strait-cni
+//! ([`CniAttachments`]): the plugin reports it during ADD, before the kubelet can write it
+//! into the pod object, so the pod is policed from its first packet.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -33,6 +37,52 @@ use crate::{
 /// How often interfaces are looked for again (a pod's veth may appear after its object).
 const RESCAN: Duration = Duration::from_secs(1);
 
+/// A pod strait-cni attached on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniAttachment {
+    pub namespace: String,
+    pub pod: String,
+    pub ip: Ipv4Addr,
+}
+
+/// The pods strait-cni attached, by container id: written by the agent API, read by the
+/// endpoint source.
+#[derive(Clone)]
+pub struct CniAttachments {
+    tx: watch::Sender<BTreeMap<String, CniAttachment>>,
+}
+
+impl Default for CniAttachments {
+    fn default() -> Self {
+        Self {
+            tx: watch::channel(BTreeMap::new()).0,
+        }
+    }
+}
+
+impl CniAttachments {
+    pub fn add(&self, container_id: &str, a: CniAttachment) {
+        self.tx.send_if_modified(|m| {
+            if m.get(container_id) == Some(&a) {
+                return false;
+            }
+            // One pod, one sandbox: a newer sandbox replaces the pod's earlier one.
+            m.retain(|_, v| !(v.namespace == a.namespace && v.pod == a.pod));
+            m.insert(container_id.to_owned(), a);
+            true
+        });
+    }
+
+    pub fn remove(&self, container_id: &str) {
+        self.tx
+            .send_if_modified(|m| m.remove(container_id).is_some());
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<BTreeMap<String, CniAttachment>> {
+        self.tx.subscribe()
+    }
+}
+
 /// A local pod as the source tracks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct LocalPod {
@@ -48,10 +98,17 @@ pub struct EndpointSource {
     pub allocator: IdentityAllocator,
     pub publisher: Arc<EndpointPublisher>,
     pub state: StateHandle,
+    pub cni: CniAttachments,
 }
 
-/// Pods of `node` with an IPv4 address, with their identity labels.
-fn local_pods(objects: &Objects, node: &str, cluster: &str) -> Vec<LocalPod> {
+/// Pods of `node` with an IPv4 address (the one strait-cni gave it, else the object's),
+/// with their identity labels.
+fn local_pods(
+    objects: &Objects,
+    node: &str,
+    cluster: &str,
+    cni: &BTreeMap<String, CniAttachment>,
+) -> Vec<LocalPod> {
     let ns_labels = |ns: &str| {
         objects
             .namespaces
@@ -65,12 +122,20 @@ fn local_pods(objects: &Objects, node: &str, cluster: &str) -> Vec<LocalPod> {
         .iter()
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
         .filter_map(|p: &Pod| {
-            let ip: Ipv4Addr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
             let namespace = p
                 .metadata
                 .namespace
                 .clone()
                 .unwrap_or_else(|| "default".into());
+            let name = p.metadata.name.as_deref().unwrap_or_default();
+            let attached = cni
+                .values()
+                .find(|a| a.namespace == namespace && a.pod == name)
+                .map(|a| a.ip);
+            let ip: Ipv4Addr = match attached {
+                Some(ip) => ip,
+                None => p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?,
+            };
             Some(LocalPod {
                 labels: pod_identity_labels(p, &ns_labels(&namespace), cluster),
                 namespace,
@@ -105,6 +170,7 @@ impl EndpointSource {
         let mut versions = self.state.subscribe();
         let mut reported: HashSet<String> = HashSet::new();
         let mut tick = tokio::time::interval(RESCAN);
+        let mut cni = self.cni.subscribe();
         // Policies are translated again only when objects or identities changed; a tick only
         // retries what is not done yet (a pod whose veth appeared, a failed allocation).
         let mut changed = true;
@@ -112,11 +178,13 @@ impl EndpointSource {
             // Before the identities are read: a change while translating wakes the next pass.
             let identities = versions.borrow_and_update().identities;
             let current = objects.borrow_and_update().clone();
-            self.sync_pods(&current, &mut tracked).await;
+            let attached = cni.borrow_and_update().clone();
+            self.sync_pods(&current, &attached, &mut tracked).await;
             self.sync_model(&current, &mut tracked, &mut reported, changed)
                 .await;
             changed = tokio::select! {
                 r = objects.changed() => if r.is_err() { return } else { true },
+                r = cni.changed() => if r.is_err() { return } else { true },
                 r = versions.wait_for(|v| v.identities != identities) => {
                     if r.is_err() { return } else { true }
                 }
@@ -128,9 +196,10 @@ impl EndpointSource {
     async fn sync_pods(
         &self,
         objects: &Objects,
+        attached: &BTreeMap<String, CniAttachment>,
         tracked: &mut BTreeMap<(String, String), Tracked>,
     ) {
-        let pods = local_pods(objects, &self.node, &self.cluster);
+        let pods = local_pods(objects, &self.node, &self.cluster, attached);
         let wanted: HashSet<(String, String)> = pods
             .iter()
             .map(|p| (p.namespace.clone(), p.name.clone()))
@@ -172,12 +241,21 @@ impl EndpointSource {
                 pod: pod.name.clone(),
                 endpoint_id: u64::from(identity),
             };
+            if let Some(old) = tracked.get(&key).filter(|t| t.pod.ip != pod.ip)
+                && let Err(e) = self.publisher.withdraw(old.pod.ip.into()).await
+            {
+                tracing::warn!(pod = %format!("{}/{}", key.0, key.1), error = %e, "withdrawing the pod's old address");
+            }
             if let Err(e) = self.publisher.publish(&ep).await {
                 tracing::warn!(pod = %format!("{}/{}", key.0, key.1), error = %e, "publishing endpoint; will retry");
                 continue;
             }
             tracing::info!(pod = %format!("{}/{}", key.0, key.1), ip = %pod.ip, identity, "endpoint published");
-            let interface = tracked.remove(&key).and_then(|t| t.interface);
+            // A new address (a new sandbox) has a new veth: look it up again.
+            let interface = tracked
+                .remove(&key)
+                .filter(|t| t.pod.ip == pod.ip)
+                .and_then(|t| t.interface);
             tracked.insert(
                 key,
                 Tracked {
@@ -309,7 +387,7 @@ metadata: {name: pending, namespace: shop}
 spec: {nodeName: usa-1, containers: [{name: c, image: x}]}
 "#,
         );
-        let pods = local_pods(&objects, "usa-1", "cluster-usa");
+        let pods = local_pods(&objects, "usa-1", "cluster-usa", &BTreeMap::new());
         assert_eq!(pods.len(), 1, "{pods:?}");
         assert_eq!(pods[0].ip, Ipv4Addr::new(10, 1, 1, 5));
         let labels = pods[0].labels.to_sorted_list();

@@ -127,16 +127,23 @@ async fn start_endpoints(
     max: MaxConnectedClusters,
     state: StateHandle,
     objects: tokio::sync::watch::Receiver<crate::k8s::Objects>,
-) -> anyhow::Result<[AbortOnDrop; 2]> {
-    let allocator = IdentityAllocator::new(
-        client.clone(),
-        &config.cluster.name,
-        IdentityRange::for_cluster(config.cluster.id, max),
-        &node.name,
-        crate::constants::NODE_LEASE_TTL,
-    )
-    .await
-    .context("identity allocator")?;
+) -> anyhow::Result<[AbortOnDrop; 3]> {
+    // Cilium's reference suffix is the node's IP (`GetNodeSuffix`).
+    let allocator = Arc::new(
+        IdentityAllocator::new(
+            client.clone(),
+            &config.cluster.name,
+            IdentityRange::for_cluster(config.cluster.id, max),
+            &node.internal_ip.to_string(),
+            crate::constants::NODE_LEASE_TTL,
+        )
+        .await
+        .context("identity allocator")?,
+    );
+    let identities = tokio::spawn({
+        let allocator = allocator.clone();
+        async move { allocator.run().await }
+    });
     let endpoints = Arc::new(
         EndpointPublisher::new(
             client.clone(),
@@ -158,7 +165,7 @@ async fn start_endpoints(
         state,
     };
     let run = tokio::spawn(source.run(objects));
-    Ok([AbortOnDrop(keep), AbortOnDrop(run)])
+    Ok([AbortOnDrop(keep), AbortOnDrop(identities), AbortOnDrop(run)])
 }
 
 /// The eBPF datapath, when the config has a `datapath:` section.

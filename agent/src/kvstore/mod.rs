@@ -6,13 +6,14 @@
 //! * [`client`]: [`EtcdClient`], connected from an [`EtcdConfig`] (plaintext, TLS, mTLS), with
 //!   the single-key operations Cilium's writers use.
 //! * [`lease`]: [`Lease`], a granted lease kept alive by a background task.
+//! * [`lock`]: [`KvLock`], etcd's distributed mutex (Go's `concurrency.Mutex` layout).
 //! * [`listwatch`]: [`ListWatcher`], Cilium's list-then-watch over a prefix, delivering
 //!   [`WatchEvent`]s through a bounded channel and surviving etcd restarts.
 //! * [`heartbeat`]: `cilium/.heartbeat` tracking (reader) and writing.
 //! * [`backoff`]: the exponential backoff shared by the above.
 //!
-//! The files depend one way: `client` uses `config`, `backoff` and `error`; `lease` and
-//! `listwatch` use `client`; `heartbeat` uses `listwatch`. This file only declares them and
+//! The files depend one way: `client` uses `config`, `backoff` and `error`; `lease`, `lock`
+//! and `listwatch` use `client`; `heartbeat` uses `listwatch`. This file only declares them and
 //! re-exports what callers use.
 
 pub mod backoff;
@@ -21,6 +22,7 @@ pub mod config;
 mod error;
 pub mod heartbeat;
 pub mod lease;
+pub mod lock;
 pub mod listwatch;
 
 pub use backoff::Backoff;
@@ -31,4 +33,5 @@ pub use config::{
 pub use error::{KvstoreError, Result};
 pub use heartbeat::{HeartbeatTracker, HeartbeatWriter};
 pub use lease::{Lease, LeaseState};
+pub use lock::KvLock;
 pub use listwatch::{ListWatchOptions, ListWatcher, WatchEvent, WatcherStats};

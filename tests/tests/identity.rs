@@ -78,10 +78,16 @@ async fn masters(client: &EtcdClient) -> BTreeMap<u32, String> {
 }
 
 /// Waits until `cond` holds (checked every 100 ms), failing with `what` after [`PATIENCE`].
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut cond: impl FnMut() -> F,
+) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "not within {PATIENCE:?}: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {PATIENCE:?}: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -130,7 +136,11 @@ async fn replicas_share_one_reference_until_the_last_one_goes() {
     );
     // Released once more than allocated: nothing happens (no negative count).
     node.release(&labels("web")).await.unwrap();
-    assert_eq!(node.allocate(&labels("web")).await.unwrap(), a, "the master is reused");
+    assert_eq!(
+        node.allocate(&labels("web")).await.unwrap(),
+        a,
+        "the master is reused"
+    );
 }
 
 /// Several nodes allocating and releasing the same label sets at once, each through an etcd
@@ -177,7 +187,11 @@ async fn concurrent_allocation_through_a_slow_etcd_gives_one_identity_per_label_
         }
     }
     for (app, set) in &ids {
-        assert_eq!(set.len(), 1, "label set {app} got several identities: {set:?}");
+        assert_eq!(
+            set.len(),
+            1,
+            "label set {app} got several identities: {set:?}"
+        );
     }
     let masters = masters(&direct).await;
     for app in apps {
@@ -216,7 +230,10 @@ async fn identity_references_come_back_after_their_lease_is_lost() {
     })
     .await;
     let db = node.allocate(&labels("db")).await.unwrap();
-    assert_eq!(get(&client, &reference("db", "198.18.1.1")).await, Some(db.to_string()));
+    assert_eq!(
+        get(&client, &reference("db", "198.18.1.1")).await,
+        Some(db.to_string())
+    );
 }
 
 /// Master-key protection: a master key deleted while the identity is in use here is created
@@ -230,7 +247,10 @@ async fn a_master_key_deleted_while_in_use_is_created_again() {
     let web = node.allocate(&labels("web")).await.unwrap();
     let master = format!("{MASTERS}{web}");
     // The keeper's watch has listed the master before it goes.
-    eventually("the master exists", || async { get(&client, &master).await.is_some() }).await;
+    eventually("the master exists", || async {
+        get(&client, &master).await.is_some()
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     client.delete(&master).await.unwrap();
     eventually("the master key is back", || async {
@@ -258,7 +278,10 @@ fn local_node() -> LocalNode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_comes_back_after_the_kvstore_restarts_empty() {
     let mut etcd = EtcdServer::new();
-    assert!(etcd.is_memory_backed(), "the test etcd must run from tmpfs, as the shipped one does");
+    assert!(
+        etcd.is_memory_backed(),
+        "the test etcd must run from tmpfs, as the shipped one does"
+    );
     let client = EtcdClient::connect(&etcd.config()).await.unwrap();
     let ttl = strait::constants::NODE_LEASE_TTL;
     let node = local_node();
@@ -268,7 +291,11 @@ async fn everything_comes_back_after_the_kvstore_restarts_empty() {
         node.clone(),
         ttl,
     )));
-    let endpoints = Arc::new(EndpointPublisher::new(client.clone(), node, ttl).await.unwrap());
+    let endpoints = Arc::new(
+        EndpointPublisher::new(client.clone(), node, ttl)
+            .await
+            .unwrap(),
+    );
     let _endpoints_task = strait::task::AbortOnDrop(tokio::spawn({
         let e = endpoints.clone();
         async move { e.keep_published().await }
@@ -289,7 +316,10 @@ async fn everything_comes_back_after_the_kvstore_restarts_empty() {
         .await
         .unwrap();
     let ip_key = "cilium/state/ip/v1/default/10.1.0.5";
-    eventually("the node is published", || async { get(&client, &node_key).await.is_some() }).await;
+    eventually("the node is published", || async {
+        get(&client, &node_key).await.is_some()
+    })
+    .await;
     let want_masters = BTreeMap::from([(web, stored("web")), (db, stored("db"))]);
     assert_eq!(masters(&client).await, want_masters);
 
@@ -297,26 +327,37 @@ async fn everything_comes_back_after_the_kvstore_restarts_empty() {
 
     etcd.restart_empty();
 
-    eventually("node, endpoint, references and masters are back", || async {
-        client
-            .get(&node_key)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|kv| kv.lease != node_lease)
-            && get(&client, ip_key).await.is_some_and(|v| v.contains(&format!("\"ID\":{web}")))
-            && get(&client, &reference("web", "198.18.1.1")).await == Some(web.to_string())
-            && get(&client, &reference("db", "198.18.1.1")).await == Some(db.to_string())
-            && masters(&client).await == want_masters
-    })
+    eventually(
+        "node, endpoint, references and masters are back",
+        || async {
+            client
+                .get(&node_key)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|kv| kv.lease != node_lease)
+                && get(&client, ip_key)
+                    .await
+                    .is_some_and(|v| v.contains(&format!("\"ID\":{web}")))
+                && get(&client, &reference("web", "198.18.1.1")).await == Some(web.to_string())
+                && get(&client, &reference("db", "198.18.1.1")).await == Some(db.to_string())
+                && masters(&client).await == want_masters
+        },
+    )
     .await;
     // Allocation works again (main's allocator kept writing with its dead lease).
     let api = identities.allocate(&labels("api")).await.unwrap();
     assert!(!want_masters.contains_key(&api));
-    assert_eq!(get(&client, &reference("api", "198.18.1.1")).await, Some(api.to_string()));
+    assert_eq!(
+        get(&client, &reference("api", "198.18.1.1")).await,
+        Some(api.to_string())
+    );
     // The two web users are still counted: one release keeps the reference.
     identities.release(&labels("web")).await.unwrap();
-    assert_eq!(get(&client, &reference("web", "198.18.1.1")).await, Some(web.to_string()));
+    assert_eq!(
+        get(&client, &reference("web", "198.18.1.1")).await,
+        Some(web.to_string())
+    );
 }
 
 fn pod(name: &str, app: &str, ip: &str) -> String {
@@ -343,7 +384,11 @@ async fn pod_changes_release_and_withdraw_what_they_no_longer_use() {
     let client = EtcdClient::connect(&etcd.config()).await.unwrap();
     let node = local_node();
     let allocator = allocator(&client, "198.18.1.1", TTL).await;
-    let publisher = Arc::new(EndpointPublisher::new(client.clone(), node, TTL).await.unwrap());
+    let publisher = Arc::new(
+        EndpointPublisher::new(client.clone(), node, TTL)
+            .await
+            .unwrap(),
+    );
     let (tx, rx) = tokio::sync::watch::channel(objects(&[
         ("web-1", "web", "10.1.0.5"),
         ("web-2", "web", "10.1.0.6"),
@@ -373,16 +418,31 @@ async fn pod_changes_release_and_withdraw_what_they_no_longer_use() {
 
     // Scale-down: web-2 goes, web-1 keeps the identity.
     tx.send_replace(objects(&[("web-1", "web", "10.1.0.5")]));
-    eventually("web-2's entry withdrawn", || async { get(&client, &ip(6)).await.is_none() }).await;
-    assert_eq!(web_ref().await, Some(web.to_string()), "web-1 still uses the identity");
+    eventually("web-2's entry withdrawn", || async {
+        get(&client, &ip(6)).await.is_none()
+    })
+    .await;
+    assert_eq!(
+        web_ref().await,
+        Some(web.to_string()),
+        "web-1 still uses the identity"
+    );
     assert!(masters(&client).await.contains_key(&web));
 
     // Label change: web-1 becomes api; web's reference goes (nobody here uses it).
     tx.send_replace(objects(&[("web-1", "api", "10.1.0.5")]));
-    eventually("web's reference released", || async { web_ref().await.is_none() }).await;
+    eventually("web's reference released", || async {
+        web_ref().await.is_none()
+    })
+    .await;
     let entry = get(&client, &ip(5)).await.unwrap();
     assert!(!entry.contains(&format!("\"ID\":{web}")), "{entry}");
-    assert_eq!(allocator.in_use().await.len(), 1, "{:?}", allocator.in_use().await);
+    assert_eq!(
+        allocator.in_use().await.len(),
+        1,
+        "{:?}",
+        allocator.in_use().await
+    );
 
     // IP change: the old entry is withdrawn, the new one published.
     tx.send_replace(objects(&[("web-1", "api", "10.1.0.7")]));
@@ -391,7 +451,11 @@ async fn pod_changes_release_and_withdraw_what_they_no_longer_use() {
     })
     .await;
     let in_use = allocator.in_use().await;
-    assert_eq!(in_use.values().map(|(_, users)| users).sum::<usize>(), 1, "{in_use:?}");
+    assert_eq!(
+        in_use.values().map(|(_, users)| users).sum::<usize>(),
+        1,
+        "{in_use:?}"
+    );
 }
 
 /// The GC of `strait kvstoremesh` follows Cilium's rules: unused masters of this cluster's
@@ -408,7 +472,12 @@ async fn identity_gc_deletes_unused_masters_in_the_second_round() {
     let put = |id: u32, app: &str| {
         let client = client.clone();
         let value = stored(app);
-        async move { client.put(&format!("{MASTERS}{id}"), value, None).await.unwrap() }
+        async move {
+            client
+                .put(&format!("{MASTERS}{id}"), value, None)
+                .await
+                .unwrap()
+        }
     };
     let (unused, reused, wrong_ref) = (65600, 65601, 65602);
     put(unused, "unused").await;
@@ -420,17 +489,31 @@ async fn identity_gc_deletes_unused_masters_in_the_second_round() {
         .unwrap();
     // Cluster 2's range: not ours to collect.
     client
-        .put(&format!("{MASTERS}131100"), "k8s:io.cilium.k8s.policy.cluster=other;", None)
+        .put(
+            &format!("{MASTERS}131100"),
+            "k8s:io.cilium.k8s.policy.cluster=other;",
+            None,
+        )
         .await
         .unwrap();
 
-    let lock_lease = Lease::grant(&client, Duration::from_secs(25)).await.unwrap();
+    let lock_lease = Lease::grant(&client, Duration::from_secs(25))
+        .await
+        .unwrap();
     let mut memory = GcMemory::default();
     let first = identity_gc::gc_round(&client, range(), lock_lease.id(), &mut memory)
         .await
         .unwrap();
-    assert_eq!((first.alive, first.candidates, first.deleted), (4, 3, 0), "{first:?}");
-    assert_eq!(masters(&client).await.len(), 5, "nothing goes in the first round");
+    assert_eq!(
+        (first.alive, first.candidates, first.deleted),
+        (4, 3, 0),
+        "{first:?}"
+    );
+    assert_eq!(
+        masters(&client).await.len(),
+        5,
+        "nothing goes in the first round"
+    );
 
     // Reused between the rounds (written again): its mod revision changed.
     put(reused, "reused").await;
@@ -448,11 +531,13 @@ async fn identity_gc_deletes_unused_masters_in_the_second_round() {
     let left: BTreeSet<u32> = masters(&client).await.into_keys().collect();
     assert_eq!(left, BTreeSet::from([used, 131100]));
     // No lock keys are left behind.
-    assert!(client
-        .list_prefix("cilium/state/identities/v1/locks/")
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(
+        client
+            .list_prefix("cilium/state/identities/v1/locks/")
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// One elected GC per cluster: a second candidate waits; when the leader is gone (its lease
@@ -477,17 +562,42 @@ async fn identity_gc_runs_on_the_elected_instance_and_fails_over() {
             .leader(identity_gc::election_name("cluster-usa"))
             .await
             .ok()
-            .and_then(|r| r.kv().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+            .and_then(|r| {
+                r.kv()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+            })
     };
     let first = gc("first");
-    eventually("first elected", || async { leader().await.as_deref() == Some("first") }).await;
+    eventually("first elected", || async {
+        leader().await.as_deref() == Some("first")
+    })
+    .await;
     let _second = gc("second");
-    client.put(&format!("{MASTERS}65600"), stored("gone"), None).await.unwrap();
-    eventually("the leader collects", || async { masters(&client).await.is_empty() }).await;
-    assert_eq!(leader().await.as_deref(), Some("first"), "the second candidate waits");
+    client
+        .put(&format!("{MASTERS}65600"), stored("gone"), None)
+        .await
+        .unwrap();
+    eventually("the leader collects", || async {
+        masters(&client).await.is_empty()
+    })
+    .await;
+    assert_eq!(
+        leader().await.as_deref(),
+        Some("first"),
+        "the second candidate waits"
+    );
 
     drop(first);
-    eventually("second elected", || async { leader().await.as_deref() == Some("second") }).await;
-    client.put(&format!("{MASTERS}65601"), stored("gone2"), None).await.unwrap();
-    eventually("the new leader collects", || async { masters(&client).await.is_empty() }).await;
+    eventually("second elected", || async {
+        leader().await.as_deref() == Some("second")
+    })
+    .await;
+    client
+        .put(&format!("{MASTERS}65601"), stored("gone2"), None)
+        .await
+        .unwrap();
+    eventually("the new leader collects", || async {
+        masters(&client).await.is_empty()
+    })
+    .await;
 }

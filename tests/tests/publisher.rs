@@ -152,7 +152,10 @@ async fn identities_are_allocated_in_range_shared_across_nodes_and_released() {
             .is_empty(),
         "no references left"
     );
-    assert!(get(&client, &master).await.is_some(), "agents never delete masters");
+    assert!(
+        get(&client, &master).await.is_some(),
+        "agents never delete masters"
+    );
 }
 
 /// A pod labelled with Cilium's own keys (another cluster, another service account) gets an

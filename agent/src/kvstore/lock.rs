@@ -207,7 +207,12 @@ impl KvLock {
     }
 
     /// `UpdateIfLocked`: writes `key`.
-    pub async fn put(&self, key: &str, value: impl Into<Vec<u8>>, lease: Option<i64>) -> Result<()> {
+    pub async fn put(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        lease: Option<i64>,
+    ) -> Result<()> {
         self.txn_if_locked(
             "put-if-locked",
             key,

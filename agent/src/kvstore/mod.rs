@@ -22,8 +22,8 @@ pub mod config;
 mod error;
 pub mod heartbeat;
 pub mod lease;
-pub mod lock;
 pub mod listwatch;
+pub mod lock;
 
 pub use backoff::Backoff;
 pub use client::{ClientOptions, EtcdClient, KeyValue};
@@ -33,5 +33,5 @@ pub use config::{
 pub use error::{KvstoreError, Result};
 pub use heartbeat::{HeartbeatTracker, HeartbeatWriter};
 pub use lease::{Lease, LeaseState};
-pub use lock::KvLock;
 pub use listwatch::{ListWatchOptions, ListWatcher, WatchEvent, WatcherStats};
+pub use lock::KvLock;

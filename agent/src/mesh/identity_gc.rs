@@ -12,7 +12,9 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use crate::{
-    constants::{IDENTITY_GC_RATE_INTERVAL, IDENTITY_GC_RATE_LIMIT, LOCK_LEASE_TTL, LOCK_WAIT_TIMEOUT},
+    constants::{
+        IDENTITY_GC_RATE_INTERVAL, IDENTITY_GC_RATE_LIMIT, LOCK_LEASE_TTL, LOCK_WAIT_TIMEOUT,
+    },
     identity::IdentityRange,
     kvstore::{EtcdClient, KvLock, KvstoreError, Lease},
     wire::keys,
@@ -109,7 +111,10 @@ pub async fn gc_round(
                 .list_prefix(&keys::identity_value_prefix(&labels))
                 .await?
                 .iter()
-                .any(|r| keys::identity_value_belongs_to(&labels, &r.key) && r.value == id_text.as_bytes());
+                .any(|r| {
+                    keys::identity_value_belongs_to(&labels, &r.key)
+                        && r.value == id_text.as_bytes()
+                });
             if in_use {
                 return Ok(false);
             }
@@ -171,7 +176,9 @@ pub async fn run(
 ) {
     loop {
         match lead(&client, &cluster, &candidate, range, interval, lease_ttl).await {
-            Ok(()) => tracing::warn!(%cluster, "identity GC lost its leadership; campaigning again"),
+            Ok(()) => {
+                tracing::warn!(%cluster, "identity GC lost its leadership; campaigning again")
+            }
             Err(e) => {
                 tracing::warn!(%cluster, error = %e, "identity GC failed; campaigning again");
                 tokio::time::sleep(Duration::from_secs(2)).await;

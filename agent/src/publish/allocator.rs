@@ -27,7 +27,9 @@ use crate::{
         IdentityRange,
         labels::{LABEL_SOURCE_K8S, Label, LabelArray, POLICY_LABEL_CLUSTER},
     },
-    kvstore::{Backoff, EtcdClient, KvLock, KvstoreError, Lease, LeaseState, ListWatcher, WatchEvent},
+    kvstore::{
+        Backoff, EtcdClient, KvLock, KvstoreError, Lease, LeaseState, ListWatcher, WatchEvent,
+    },
     wire::keys,
 };
 
@@ -148,7 +150,9 @@ impl IdentityAllocator {
                 }
             }
         };
-        inner.unreleased.remove(&keys::identity_value_key(&key, &self.suffix));
+        inner
+            .unreleased
+            .remove(&keys::identity_value_key(&key, &self.suffix));
         inner.local.insert(key, LocalKey { id, users: 1 });
         Ok(id)
     }
@@ -208,7 +212,11 @@ impl IdentityAllocator {
             Some(id) => id,
             None => match self.by_reference(key).await? {
                 // Referenced but its master vanished: create it again.
-                Some(id) if lock.create_only(&keys::identity_id_key(id), key, None).await? => {
+                Some(id)
+                    if lock
+                        .create_only(&keys::identity_id_key(id), key, None)
+                        .await? =>
+                {
                     tracing::warn!(id, labels = %key, "master key of a referenced identity was missing: created again");
                     id
                 }
@@ -254,7 +262,10 @@ impl IdentityAllocator {
             if used.contains(&id) {
                 continue;
             }
-            if lock.create_only(&keys::identity_id_key(id), key, None).await? {
+            if lock
+                .create_only(&keys::identity_id_key(id), key, None)
+                .await?
+            {
                 tracing::info!(id, labels = %key, "allocated identity");
                 return Ok(id);
             }

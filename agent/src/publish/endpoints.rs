@@ -185,9 +185,7 @@ impl EndpointSource {
             if let Some(old) = &old {
                 self.replaced(old, &pod, tracked).await;
             }
-            let interface = old
-                .filter(|t| t.pod.ip == pod.ip)
-                .and_then(|t| t.interface);
+            let interface = old.filter(|t| t.pod.ip == pod.ip).and_then(|t| t.interface);
             tracked.insert(
                 key,
                 Tracked {

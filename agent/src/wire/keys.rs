@@ -375,7 +375,10 @@ mod tests {
             parse_identity_id_key("cilium/state/identities/v1/id/65536"),
             Some(65536)
         );
-        assert_eq!(parse_identity_id_key("cilium/state/identities/v1/id/x"), None);
+        assert_eq!(
+            parse_identity_id_key("cilium/state/identities/v1/id/x"),
+            None
+        );
     }
 
     #[test]

@@ -85,3 +85,23 @@ pub const MASQUERADE_NFT_TABLE: &str = "strait_nat";
 
 /// The nftables CLI (Debian's `nftables`), found on PATH.
 pub const NFT_BIN: &str = "nft";
+
+/// Cilium's lock lease TTL (`defaults.LockLeaseTTL`): the lease under kvstore locks.
+pub const LOCK_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// How long an identity allocation or GC step waits for a lock another holder has.
+pub const LOCK_WAIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Cilium's `maxAllocAttempts`: tries of one identity allocation before giving up.
+pub const IDENTITY_ALLOC_ATTEMPTS: u32 = 16;
+
+/// Cilium's allocator `DefaultSyncInterval`: how often used identities' master keys and this
+/// node's references are checked and re-created.
+pub const IDENTITY_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// Cilium's `identity-gc-interval` default (the kvstore lease TTL).
+pub const IDENTITY_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Cilium's `identity-gc-rate-limit` per `identity-gc-rate-interval`.
+pub const IDENTITY_GC_RATE_LIMIT: u32 = 2500;
+pub const IDENTITY_GC_RATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);

@@ -138,16 +138,23 @@ async fn start_endpoints(
     state: StateHandle,
     objects: tokio::sync::watch::Receiver<crate::k8s::Objects>,
     cni: CniAttachments,
-) -> anyhow::Result<[AbortOnDrop; 2]> {
-    let allocator = IdentityAllocator::new(
-        client.clone(),
-        &config.cluster.name,
-        IdentityRange::for_cluster(config.cluster.id, max),
-        &node.name,
-        crate::constants::NODE_LEASE_TTL,
-    )
-    .await
-    .context("identity allocator")?;
+) -> anyhow::Result<[AbortOnDrop; 3]> {
+    // Cilium's reference suffix is the node's IP (`GetNodeSuffix`).
+    let allocator = Arc::new(
+        IdentityAllocator::new(
+            client.clone(),
+            &config.cluster.name,
+            IdentityRange::for_cluster(config.cluster.id, max),
+            &node.internal_ip.to_string(),
+            crate::constants::NODE_LEASE_TTL,
+        )
+        .await
+        .context("identity allocator")?,
+    );
+    let identities = tokio::spawn({
+        let allocator = allocator.clone();
+        async move { allocator.run().await }
+    });
     let endpoints = Arc::new(
         EndpointPublisher::new(
             client.clone(),
@@ -170,7 +177,7 @@ async fn start_endpoints(
         cni,
     };
     let run = tokio::spawn(source.run(objects));
-    Ok([AbortOnDrop(keep), AbortOnDrop(run)])
+    Ok([AbortOnDrop(keep), AbortOnDrop(identities), AbortOnDrop(run)])
 }
 
 /// The egress masquerade, when the config turns it on (IPv4 node address and pod CIDRs).

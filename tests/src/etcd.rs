@@ -376,6 +376,25 @@ impl EtcdServer {
         let _ = child.wait();
     }
 
+    /// Stops etcd, throws its data away and starts it again on the same ports: what an etcd
+    /// pod with an `emptyDir: {medium: Memory}` volume does when it restarts. Leases and keys
+    /// are gone; clients reconnect by themselves.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        let data = self.data_dir();
+        if data.exists() {
+            std::fs::remove_dir_all(&data)
+                .unwrap_or_else(|e| panic!("removing {}: {e}", data.display()));
+        }
+        self.start();
+    }
+
+    /// Whether the data directory is on a memory file system (tmpfs), as the shipped kvstore's
+    /// is.
+    pub fn is_memory_backed(&self) -> bool {
+        self.dir.path().starts_with("/dev/shm")
+    }
+
     /// Writes a Cilium-format etcd config for this server to `path` and returns it.
     pub fn write_cilium_config(&self, path: &Path, opts: CiliumConfigOptions) -> PathBuf {
         let mut yaml = format!(
@@ -508,4 +527,85 @@ fn generate_tls(dir: &Path) -> EtcdTls {
         client_cert: write("client.crt", &client_cert),
         client_key: write("client.key", &client_key),
     }
+}
+
+/// A TCP proxy on loopback that delays every chunk by a fixed time in each direction: an etcd
+/// round trip becomes at least twice that, as across a slow network. Runs on the current tokio
+/// runtime until dropped.
+pub struct SlowProxy {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowProxy {
+    /// Forwards a fresh loopback port to `upstream` (`host:port`) with `delay` each way.
+    pub async fn start(upstream: String, delay: Duration) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the proxy port");
+        let port = listener.local_addr().expect("proxy address").port();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(delayed_copy(cr, sw, delay), delayed_copy(sr, cw, delay));
+                });
+            }
+        });
+        Self { port, task }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A client config reaching etcd through the proxy.
+    pub fn config(&self) -> EtcdConfig {
+        EtcdConfig::plaintext([self.endpoint()])
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to`, each chunk `delay` after it was read (chunks keep their order and
+/// do not wait for each other: latency, not a bandwidth limit).
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0
+                || tx
+                    .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((at, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
 }

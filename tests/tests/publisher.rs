@@ -139,14 +139,22 @@ async fn identities_are_allocated_in_range_shared_across_nodes_and_released() {
         Err(AllocatorError::ForeignCluster { .. })
     ));
 
-    // Release: the master key stays while another node references it.
+    // Release drops this node's reference only; master keys are left to the identity GC.
     usa1.release(&labels("frontend")).await.unwrap();
     assert!(get(&client, &reference).await.is_none());
     assert!(get(&client, &master).await.is_some(), "usa-2 still uses it");
     usa2.release(&labels("frontend")).await.unwrap();
     assert!(
-        get(&client, &master).await.is_none(),
-        "unused identity released"
+        client
+            .list_prefix(&format!("cilium/state/identities/v1/value/{sorted}/"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "no references left"
+    );
+    assert!(
+        get(&client, &master).await.is_some(),
+        "agents never delete masters"
     );
 }
 

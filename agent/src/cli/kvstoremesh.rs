@@ -55,6 +55,10 @@ pub struct KvstoremeshArgs {
     pub init_etcd_auth: bool,
     #[command(flatten)]
     pub users: super::etcd::AuthUsersArgs,
+    /// Seconds between identity GC rounds (Cilium's `identity-gc-interval`); needs
+    /// --cluster-id. Every replica campaigns; only the elected one collects. 0 turns it off.
+    #[arg(long, default_value_t = constants::IDENTITY_GC_INTERVAL.as_secs())]
+    pub identity_gc_interval_seconds: u64,
     /// Prometheus metrics address.
     #[arg(long, default_value = "0.0.0.0:9965")]
     pub metrics_address: SocketAddr,
@@ -110,6 +114,19 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
             "--manifests-dir and --kubernetes-api need --cluster-id: exported services carry \
              the cluster ID"
         ),
+        _ => None,
+    };
+    let _identity_gc = match args.cluster_id {
+        Some(id) if args.identity_gc_interval_seconds > 0 => {
+            Some(AbortOnDrop(tokio::spawn(crate::mesh::identity_gc::run(
+                local.clone(),
+                args.cluster_name.clone(),
+                format!("{}-{}", crate::config::hostname(), std::process::id()),
+                crate::identity::IdentityRange::for_cluster(id, local_max),
+                Duration::from_secs(args.identity_gc_interval_seconds),
+                constants::NODE_LEASE_TTL,
+            ))))
+        }
         _ => None,
     };
     let _mesh = KvstoreMesh::spawn(

@@ -442,6 +442,13 @@ impl EtcdClient {
         self.call("watch", prefix, watch.watch(prefix, Some(opts)))
             .await
     }
+
+    /// Opens a watch on exactly `key` from `start_revision`.
+    pub(crate) async fn watch_key(&self, key: &str, start_revision: i64) -> Result<WatchStream> {
+        let opts = WatchOptions::new().with_start_revision(start_revision);
+        let mut watch = self.inner.watch_client();
+        self.call("watch", key, watch.watch(key, Some(opts))).await
+    }
 }
 
 /// End of the key range covering every key starting with `prefix` (etcd's "prefix end": the

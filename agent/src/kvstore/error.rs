@@ -49,6 +49,8 @@ pub enum KvstoreError {
         endpoints: String,
         timeout: Duration,
     },
+    #[error("etcd lock {key} lost (its lease ended or the key was deleted)")]
+    LockLost { key: String },
     #[error("invalid argument for etcd {op}: {reason}")]
     InvalidArgument { op: &'static str, reason: String },
 }

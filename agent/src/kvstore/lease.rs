@@ -198,7 +198,24 @@ async fn keepalive(
         deadline = Instant::now() + ttl;
         backoff.reset();
         let error = loop {
-            tokio::time::sleep(period).await;
+            // A stream that breaks between keepalives (etcd restarted, perhaps empty) is seen
+            // at once, not a period later: a lease lost with the data is replaced quickly.
+            let early = tokio::select! {
+                _ = tokio::time::sleep(period) => None,
+                m = stream.message() => Some(m),
+            };
+            match early {
+                None => {}
+                Some(Ok(Some(resp))) if resp.ttl() <= 0 => {
+                    return lose("lease not found (expired or revoked)".into());
+                }
+                Some(Ok(Some(_))) => continue,
+                Some(Ok(None)) => break "keepalive stream closed".into(),
+                Some(Err(e)) if is_lease_not_found(&e) => {
+                    return lose("lease not found (expired or revoked)".into());
+                }
+                Some(Err(e)) => break describe(&e),
+            }
             if let Err(e) = keeper.keep_alive().await {
                 break describe(&e);
             }

@@ -95,7 +95,7 @@ struct LocalPod {
 pub struct EndpointSource {
     pub cluster: String,
     pub node: String,
-    pub allocator: IdentityAllocator,
+    pub allocator: Arc<IdentityAllocator>,
     pub publisher: Arc<EndpointPublisher>,
     pub state: StateHandle,
     pub cni: CniAttachments,
@@ -241,21 +241,20 @@ impl EndpointSource {
                 pod: pod.name.clone(),
                 endpoint_id: u64::from(identity),
             };
-            if let Some(old) = tracked.get(&key).filter(|t| t.pod.ip != pod.ip)
-                && let Err(e) = self.publisher.withdraw(old.pod.ip.into()).await
-            {
-                tracing::warn!(pod = %format!("{}/{}", key.0, key.1), error = %e, "withdrawing the pod's old address");
-            }
             if let Err(e) = self.publisher.publish(&ep).await {
                 tracing::warn!(pod = %format!("{}/{}", key.0, key.1), error = %e, "publishing endpoint; will retry");
+                // Every allocation is paired with one release, also when it is retried.
+                if let Err(e) = self.allocator.release(&pod.labels).await {
+                    tracing::warn!(error = %e, "releasing identity");
+                }
                 continue;
             }
             tracing::info!(pod = %format!("{}/{}", key.0, key.1), ip = %pod.ip, identity, "endpoint published");
-            // A new address (a new sandbox) has a new veth: look it up again.
-            let interface = tracked
-                .remove(&key)
-                .filter(|t| t.pod.ip == pod.ip)
-                .and_then(|t| t.interface);
+            let old = tracked.remove(&key);
+            if let Some(old) = &old {
+                self.replaced(old, &pod, tracked).await;
+            }
+            let interface = old.filter(|t| t.pod.ip == pod.ip).and_then(|t| t.interface);
             tracked.insert(
                 key,
                 Tracked {
@@ -266,6 +265,26 @@ impl EndpointSource {
                 },
             );
         }
+    }
+
+    /// A pod whose labels or IP changed: its previous identity use is released and its
+    /// previous ipcache entry withdrawn (unless another pod has that IP now).
+    async fn replaced(
+        &self,
+        old: &Tracked,
+        new: &LocalPod,
+        tracked: &BTreeMap<(String, String), Tracked>,
+    ) {
+        let pod = format!("{}/{}", new.namespace, new.name);
+        if old.pod.ip != new.ip && !tracked.values().any(|t| t.pod.ip == old.pod.ip) {
+            if let Err(e) = self.publisher.withdraw(old.pod.ip.into()).await {
+                tracing::warn!(%pod, ip = %old.pod.ip, error = %e, "withdrawing the previous endpoint entry");
+            }
+        }
+        if let Err(e) = self.allocator.release(&old.pod.labels).await {
+            tracing::warn!(%pod, error = %e, "releasing the previous identity");
+        }
+        tracing::info!(%pod, old_ip = %old.pod.ip, old_identity = old.identity, "endpoint changed");
     }
 
     /// Writes the tracked pods into the state model: interface and translated policy.

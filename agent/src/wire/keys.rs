@@ -95,6 +95,50 @@ pub fn identity_id_key(id: NumericIdentity) -> String {
     format!("{IDENTITIES_PATH}/{IDENTITY_ID_SEGMENT}/{id}")
 }
 
+/// `cilium/state/identities/v1/id/` (every master key).
+pub fn identity_id_prefix() -> String {
+    format!("{IDENTITIES_PATH}/{IDENTITY_ID_SEGMENT}/")
+}
+
+/// `cilium/state/identities/v1/value/<labels>/`: the references of one label set (labels in
+/// sorted-list form, which ends with `;`).
+pub fn identity_value_prefix(labels: &str) -> String {
+    format!("{IDENTITIES_PATH}/{IDENTITY_VALUE_SEGMENT}/{labels}/")
+}
+
+/// `cilium/state/identities/v1/value/<labels>/<suffix>`: one node's reference.
+pub fn identity_value_key(labels: &str, suffix: &str) -> String {
+    format!("{}{suffix}", identity_value_prefix(labels))
+}
+
+/// Cilium's `prefixMatchesKey`: a reference key belongs to `labels` only if its last `/` ends
+/// the prefix (labels may hold `/`, suffixes may not, so `value/<labels>/x/y` belongs to
+/// longer labels).
+pub fn identity_value_belongs_to(labels: &str, key: &str) -> bool {
+    key.strip_prefix(&identity_value_prefix(labels))
+        .is_some_and(|suffix| !suffix.contains('/'))
+}
+
+/// The allocation lock of a label set: `cilium/state/identities/v1/locks/<labels>`.
+pub fn identity_lock_path(labels: &str) -> String {
+    format!("{IDENTITIES_PATH}/{IDENTITY_LOCKS_SEGMENT}/{labels}")
+}
+
+/// The GC lock of a master key: `cilium/state/identities/v1/locks/id/<n>`.
+pub fn identity_gc_lock_path(id: NumericIdentity) -> String {
+    format!("{IDENTITIES_PATH}/{IDENTITY_LOCKS_SEGMENT}/{IDENTITY_ID_SEGMENT}/{id}")
+}
+
+/// `cilium/state/identities/v1/locks/` (every allocation and GC lock).
+pub fn identity_locks_prefix() -> String {
+    format!("{IDENTITIES_PATH}/{IDENTITY_LOCKS_SEGMENT}/")
+}
+
+/// The numeric identity of a master key (`…/id/<n>`).
+pub fn parse_identity_id_key(key: &str) -> Option<NumericIdentity> {
+    key.strip_prefix(&identity_id_prefix())?.parse().ok()
+}
+
 /// `cilium/state/ip/v1/default/<ip-or-prefix>` (see `IpIdentityPair::prefix_string`).
 pub fn ip_key(prefix_string: &str) -> String {
     format!("{IP_IDENTITIES_PATH}/{DEFAULT_ADDRESS_SPACE}/{prefix_string}")
@@ -303,6 +347,39 @@ pub fn state_key_to_cache_key(remote: &str, state_key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_reference_keys_follow_ciliums_prefix_rule() {
+        let labels = "k8s:io.kubernetes.pod.namespace=default;k8s:kubernetes.io/name=x;";
+        let key = identity_value_key(labels, "10.0.0.1");
+        assert_eq!(
+            key,
+            "cilium/state/identities/v1/value/k8s:io.kubernetes.pod.namespace=default;\
+             k8s:kubernetes.io/name=x;/10.0.0.1"
+        );
+        assert!(identity_value_belongs_to(labels, &key));
+        // A reference of longer labels that start with these.
+        assert!(!identity_value_belongs_to(
+            "k8s:a=1;",
+            "cilium/state/identities/v1/value/k8s:a=1;/b=2;/node"
+        ));
+        assert_eq!(
+            identity_lock_path(labels),
+            format!("cilium/state/identities/v1/locks/{labels}")
+        );
+        assert_eq!(
+            identity_gc_lock_path(65536),
+            "cilium/state/identities/v1/locks/id/65536"
+        );
+        assert_eq!(
+            parse_identity_id_key("cilium/state/identities/v1/id/65536"),
+            Some(65536)
+        );
+        assert_eq!(
+            parse_identity_id_key("cilium/state/identities/v1/id/x"),
+            None
+        );
+    }
 
     #[test]
     fn state_to_cache() {

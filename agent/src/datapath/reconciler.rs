@@ -50,7 +50,7 @@ pub fn cgroup2_root() -> Option<PathBuf> {
 pub struct DatapathAgent {
     status: Arc<Mutex<DatapathStatus>>,
     flows: FlowHub,
-    _tasks: Vec<AbortOnDrop>,
+    tasks: Vec<AbortOnDrop>,
 }
 
 impl DatapathAgent {
@@ -140,7 +140,7 @@ impl DatapathAgent {
         Ok(Self {
             status,
             flows,
-            _tasks: tasks,
+            tasks,
         })
     }
 
@@ -153,6 +153,12 @@ impl DatapathAgent {
 
     pub fn flows(&self) -> FlowHub {
         self.flows.clone()
+    }
+
+    /// Stops the reconcilers and readers and waits for them. The pinned maps and links stay:
+    /// the datapath keeps serving until the next agent adopts it.
+    pub async fn stop(self) {
+        crate::task::stop_all(self.tasks).await;
     }
 }
 

@@ -70,12 +70,36 @@ pub struct AgentConfig {
 }
 
 /// `clustermesh:` — how remote clusters are consumed.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClustermeshSection {
     /// What each remote cluster may make this agent hold.
     #[serde(default)]
     pub limits: RemoteLimits,
+    /// Cilium's `clustermesh-sync-timeout` (e.g. `1m`, `30s`): how long the initial sync
+    /// waits for remote clusters; after it, stale state is cleaned up without the laggards.
+    #[serde(default = "default_sync_timeout", deserialize_with = "human_duration")]
+    pub sync_timeout: std::time::Duration,
+}
+
+impl Default for ClustermeshSection {
+    fn default() -> Self {
+        Self {
+            limits: RemoteLimits::default(),
+            sync_timeout: default_sync_timeout(),
+        }
+    }
+}
+
+fn default_sync_timeout() -> std::time::Duration {
+    constants::CLUSTERMESH_SYNC_TIMEOUT
+}
+
+/// A duration written as Go and Cilium spell them in flags (`1m`, `90s`, `1m30s`).
+fn human_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration: {e}")))
 }
 
 /// `kubernetes:` — the local source of Services, EndpointSlices, Pods, Namespaces, this Node
@@ -324,6 +348,26 @@ kvstoreConfig: /etc/strait/etcd.yaml
         assert!(c.wireguard.enabled && c.wireguard.strict && !c.wireguard.node_encryption);
         assert_eq!(c.wireguard.device, constants::WIREGUARD_DEVICE);
         assert_eq!(c.clustermesh.limits, RemoteLimits::default());
+    }
+
+    #[test]
+    fn clustermesh_sync_timeout_defaults_to_ciliums_and_is_configurable() {
+        let parse =
+            |extra: &str| AgentConfig::parse(Path::new("t.yaml"), &format!("{MINIMAL}{extra}"));
+        let c = parse("").unwrap();
+        assert_eq!(
+            c.clustermesh.sync_timeout,
+            std::time::Duration::from_secs(60)
+        );
+        let c = parse("clustermesh: {syncTimeout: 1m30s}\n").unwrap();
+        assert_eq!(
+            c.clustermesh.sync_timeout,
+            std::time::Duration::from_secs(90)
+        );
+        let err = parse("clustermesh: {syncTimeout: soon}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"soon\" is not a duration"), "{err}");
     }
 
     #[test]

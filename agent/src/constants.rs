@@ -105,3 +105,18 @@ pub const IDENTITY_GC_INTERVAL: std::time::Duration = std::time::Duration::from_
 /// Cilium's `identity-gc-rate-limit` per `identity-gc-rate-interval`.
 pub const IDENTITY_GC_RATE_LIMIT: u32 = 2500;
 pub const IDENTITY_GC_RATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long a graceful shutdown may take (SIGTERM → exit): Kubernetes waits 30 s before
+/// SIGKILL, a rolling restart should not wait on us that long.
+pub const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long in-flight API calls get to finish once the agent stops (a followed `strait
+/// observe` stream never does on its own).
+pub const API_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Cilium's `clustermesh-sync-timeout` default: the initial wait for every remote cluster.
+pub const CLUSTERMESH_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// TTL of the service exporter's election lease: a crashed leader's successor takes over
+/// within this (Cilium's clustermesh-apiserver uses a lease of the same order).
+pub const EXPORTER_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(10);

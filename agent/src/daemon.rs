@@ -9,7 +9,7 @@ use crate::{
     api,
     config::AgentConfig,
     datapath::{DatapathAgent, flows::IdentityLookup},
-    identity::{IdentityRange, MaxConnectedClusters},
+    identity::{IdentityRange, MaxConnectedClusters, validate_cluster_name},
     kvstore::{ClustermeshConfigDir, EtcdClient, EtcdConfig},
     mesh::{
         manager::{ClusterMesh, LocalClusterWatch},
@@ -138,6 +138,7 @@ async fn start_endpoints(
     state: StateHandle,
     objects: tokio::sync::watch::Receiver<crate::k8s::Objects>,
     cni: CniAttachments,
+    listed: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<[AbortOnDrop; 3]> {
     // Cilium's reference suffix is the node's IP (`GetNodeSuffix`).
     let allocator = Arc::new(
@@ -176,7 +177,7 @@ async fn start_endpoints(
         state,
         cni,
     };
-    let run = tokio::spawn(source.run(objects));
+    let run = tokio::spawn(source.run(objects, listed));
     Ok([AbortOnDrop(keep), AbortOnDrop(identities), AbortOnDrop(run)])
 }
 
@@ -275,42 +276,69 @@ async fn start_encryption(
     Ok(Some(Arc::new(agent)))
 }
 
-/// Remote clusters configured at start (files whose config parses). Peers nobody claims are
-/// garbage-collected only once every source has listed: our own cluster and these.
-fn expected_remotes(config: &AgentConfig) -> Vec<String> {
-    ClustermeshConfigDir::new(&config.clustermesh_config_dir, config.cluster.name.clone())
-        .scan()
+/// Remote clusters the config directory names now: files whose config parses and whose
+/// name is a valid cluster name (a file the mesh ignores must not hold the sync back).
+fn configured_remotes(dir: &ClustermeshConfigDir) -> Vec<String> {
+    dir.scan()
         .map(|files| {
             files
                 .into_iter()
-                .filter(|(_, f)| f.config.is_ok())
+                .filter(|(name, f)| f.config.is_ok() && validate_cluster_name(name).is_ok())
                 .map(|(name, _)| name)
                 .collect()
         })
         .unwrap_or_default()
 }
 
-/// Sends `true` once our own cluster and every expected remote have listed nodes and
-/// endpoints: from then on the reconcilers may delete what no source claims.
+/// How often the initial sync is checked (it has no single event to wait on: flags of every
+/// remote and the directory's content).
+const SYNC_CHECK: Duration = Duration::from_millis(250);
+
+/// Sends `true` once our own cluster and every remote the config directory names (read
+/// again on every check, so a removed file stops counting) have listed nodes and endpoints,
+/// or once `timeout` has passed with only our own cluster listed (Cilium's
+/// `clustermesh-sync-timeout`): from then on the reconcilers may delete what no source
+/// claims, and the agent reports ready.
 async fn signal_initial_sync(
-    expected: Vec<String>,
+    dir: ClustermeshConfigDir,
     mesh: Arc<ClusterMesh>,
     local_synced: Arc<SyncFlags>,
     synced_tx: tokio::sync::watch::Sender<bool>,
+    timeout: Duration,
 ) {
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
+        let scan = dir.clone();
+        let expected = tokio::task::spawn_blocking(move || configured_remotes(&scan))
+            .await
+            .unwrap_or_default();
         let statuses = mesh.statuses();
-        let remotes_synced = expected.iter().all(|name| {
-            statuses
-                .iter()
-                .any(|s| &s.name == name && s.synced.nodes && s.synced.endpoints)
-        });
-        if local_synced.all() && remotes_synced {
-            tracing::info!("initial sync of every cluster complete");
-            let _ = synced_tx.send(true);
-            return;
+        let pending: Vec<&String> = expected
+            .iter()
+            .filter(|name| {
+                !statuses
+                    .iter()
+                    .any(|s| &s.name == *name && s.synced.nodes && s.synced.endpoints)
+            })
+            .collect();
+        if local_synced.all() {
+            if pending.is_empty() {
+                tracing::info!("initial sync of every cluster complete");
+                let _ = synced_tx.send(true);
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    ?pending,
+                    ?timeout,
+                    "remote clusters not synced within the clustermesh sync timeout: \
+                     proceeding without them (stale state of the others is cleaned up)"
+                );
+                let _ = synced_tx.send(true);
+                return;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(SYNC_CHECK).await;
     }
 }
 
@@ -350,7 +378,7 @@ pub async fn run(
     );
     let (synced_tx, synced_rx) = tokio::sync::watch::channel(false);
     let datapath = start_datapath(&config, &state, &synced_rx, &metrics)?;
-    let encryption = start_encryption(&config, &node_name, &state, synced_rx).await?;
+    let encryption = start_encryption(&config, &node_name, &state, synced_rx.clone()).await?;
     let node = LocalNode {
         cluster: config.cluster.name.clone(),
         cluster_id: config.cluster.id,
@@ -361,7 +389,7 @@ pub async fn run(
         pod_cidrs,
         wireguard_pubkey: encryption.as_ref().map(|e| e.public_key()),
     };
-    let (_health, health_report) = start_health(
+    let (health, health_report) = start_health(
         node.internal_ip,
         &config.health,
         state.clone(),
@@ -370,7 +398,7 @@ pub async fn run(
     .await;
     let _masquerade = start_masquerade(&config, &node, &state);
     let cni_attachments = CniAttachments::default();
-    let _endpoints = match &local_source {
+    let endpoints = match &local_source {
         Some(source) => Some(
             start_endpoints(
                 &config,
@@ -380,6 +408,7 @@ pub async fn run(
                 state.clone(),
                 source.objects(),
                 cni_attachments.clone(),
+                source.synced(),
             )
             .await?,
         ),
@@ -404,14 +433,17 @@ pub async fn run(
         config.clustermesh.limits,
     ));
 
-    let sync_signal = tokio::spawn(signal_initial_sync(
-        expected_remotes(&config),
+    let sync_signal = AbortOnDrop(tokio::spawn(signal_initial_sync(
+        ClustermeshConfigDir::new(&config.clustermesh_config_dir, config.cluster.name.clone()),
         mesh.clone(),
         local_watch.synced.clone(),
         synced_tx,
-    ));
+        config.clustermesh.sync_timeout,
+    )));
 
-    let status = StatusSources {
+    // The API's status closure holds its sources weakly: an API call still open when the
+    // agent stops must not keep the mesh, the datapath or WireGuard from stopping.
+    let status = Arc::new(StatusSources {
         cluster: config.cluster.name.clone(),
         cluster_id: config.cluster.id,
         node: node_name,
@@ -422,30 +454,78 @@ pub async fn run(
         encryption: encryption.clone(),
         datapath: datapath.clone(),
         health: health_report,
+    });
+    let status_fn: api::StatusFn = {
+        let weak = Arc::downgrade(&status);
+        Arc::new(move || weak.upgrade().map(|s| s.build()))
     };
-    let status: api::StatusFn = Arc::new(move || status.build());
-    let api_server = tokio::spawn({
-        let path = config.api_socket.clone();
-        let flows = datapath.as_ref().map(|d| d.flows());
-        let cni = local_source.as_ref().map(|_| api::CniBackend {
+    let (api_stop_tx, api_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let api_server = api::serve_until(
+        &config.api_socket,
+        status_fn,
+        datapath.as_ref().map(|d| d.flows()),
+        local_source.as_ref().map(|_| api::CniBackend {
             attachments: cni_attachments,
             ready: endpoint_ready(state.clone(), datapath.clone()),
-        });
-        async move { api::serve(&path, status, flows, cni).await }
-    });
-    let metrics_server = tokio::spawn(metrics.clone().serve(config.metrics_address));
+        }),
+        async move {
+            let _ = api_stop_rx.await;
+        },
+    );
+    tokio::pin!(api_server);
+    let metrics_server = metrics
+        .clone()
+        .serve_probes(config.metrics_address, synced_rx.clone());
 
-    tokio::select! {
-        _ = stop => tracing::info!("stopping"),
-        r = api_server => r.context("API server task")?.context("API server")?,
-        r = metrics_server => r.context("metrics task")?.context("metrics server")?,
+    let mut api_done = false;
+    let outcome: anyhow::Result<()> = tokio::select! {
+        _ = stop => {
+            tracing::info!("stopping");
+            Ok(())
+        }
+        r = &mut api_server => {
+            api_done = true;
+            r.context("API server")
+        }
+        r = metrics_server => r.context("metrics server"),
+    };
+
+    let shutdown = async {
+        // Stop serving first; the socket goes only once nothing is served on it.
+        let _ = api_stop_tx.send(());
+        if !api_done && let Err(e) = api_server.await {
+            tracing::warn!(error = %e, "API server while stopping");
+        }
+        drop(status);
+        sync_signal.stop().await;
+        publisher.abort();
+        let _ = publisher.await;
+        if let Some(tasks) = endpoints {
+            crate::task::stop_all(tasks).await;
+        }
+        crate::task::stop_all(health).await;
+        match Arc::try_unwrap(mesh) {
+            Ok(mesh) => mesh.stop().await,
+            Err(_) => tracing::warn!("the mesh is still referenced while stopping"),
+        }
+        drop(local_watch);
+        // The datapath's reconcilers stop; its pinned maps and links stay attached, and so
+        // do the routes: traffic flows on until the next agent adopts them.
+        if let Some(agent) = datapath.and_then(|d| Arc::try_unwrap(d).ok()) {
+            agent.stop().await;
+        }
+        if let Some(agent) = encryption.and_then(|e| Arc::try_unwrap(e).ok()) {
+            agent.stop().await;
+        }
+        drop(local_source);
+    };
+    let started = tokio::time::Instant::now();
+    match tokio::time::timeout(crate::constants::SHUTDOWN_TIMEOUT, shutdown).await {
+        Ok(()) => tracing::info!(elapsed = ?started.elapsed(), "stopped"),
+        Err(_) => tracing::warn!(
+            timeout = ?crate::constants::SHUTDOWN_TIMEOUT,
+            "shutdown did not finish in time; exiting anyway"
+        ),
     }
-    publisher.abort();
-    sync_signal.abort();
-    drop(mesh);
-    if let Some(agent) = encryption.and_then(|e| Arc::try_unwrap(e).ok()) {
-        agent.stop().await;
-    }
-    let _ = std::fs::remove_file(&config.api_socket);
-    Ok(())
+    outcome
 }

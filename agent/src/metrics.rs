@@ -231,8 +231,20 @@ impl Metrics {
     }
 
     /// Serves `GET /metrics` (and `GET /healthz` for probes) on `addr` until the task is
-    /// dropped.
+    /// dropped. Always ready.
     pub async fn serve(self, addr: SocketAddr) -> Result<(), MetricsError> {
+        let (_ready_tx, ready) = tokio::sync::watch::channel(true);
+        self.serve_probes(addr, ready).await
+    }
+
+    /// Serves `GET /metrics` and the kubelet's probes on `addr` until the task is dropped:
+    /// `/livez` and `/healthz` (liveness, kept for older manifests): the process serves HTTP;
+    /// `/readyz` (readiness and startup): 200 once `ready` holds true, 503 before.
+    pub async fn serve_probes(
+        self,
+        addr: SocketAddr,
+        ready: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), MetricsError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| MetricsError::Bind { addr, source })?;
@@ -242,27 +254,39 @@ impl Metrics {
                 continue;
             };
             let metrics = self.clone();
+            let ready = ready.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move {
-                        if req.uri().path() == "/healthz" {
-                            // Liveness: the process runs and serves HTTP (kubelet probes).
-                            Response::builder().body(Full::new(Bytes::from_static(b"ok\n")))
-                        } else if req.uri().path() == "/metrics" {
-                            Response::builder()
+                let service =
+                    service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let metrics = metrics.clone();
+                        let ready = *ready.borrow();
+                        async move {
+                            let path = req.uri().path();
+                            if path == "/healthz" || path == "/livez" {
+                                // Liveness: the process runs and serves HTTP (kubelet probes).
+                                Response::builder().body(Full::new(Bytes::from_static(b"ok\n")))
+                            } else if path == "/readyz" {
+                                if ready {
+                                    Response::builder().body(Full::new(Bytes::from_static(b"ok\n")))
+                                } else {
+                                    Response::builder().status(503).body(Full::new(
+                                        Bytes::from_static(b"initial sync not complete\n"),
+                                    ))
+                                }
+                            } else if req.uri().path() == "/metrics" {
+                                Response::builder()
                                 .header(
                                     "content-type",
                                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                                 )
                                 .body(Full::new(Bytes::from(metrics.render())))
-                        } else {
-                            Response::builder()
-                                .status(404)
-                                .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                            } else {
+                                Response::builder()
+                                    .status(404)
+                                    .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                            }
                         }
-                    }
-                });
+                    });
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
@@ -284,6 +308,46 @@ mod tests {
         assert!(
             text.contains(r#"strait_kvstore_rejected_total{cluster="europe",kind="node",reason="cluster-mismatch"} 2"#),
             "{text}"
+        );
+    }
+
+    async fn http_get(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = loop {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        };
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body
+    }
+
+    #[tokio::test]
+    async fn readiness_waits_for_the_initial_sync_and_liveness_does_not() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(Metrics::new().serve_probes(addr, ready));
+        let before = http_get(addr, "/readyz").await;
+        assert!(before.starts_with("HTTP/1.1 503"), "{before}");
+        for live in ["/livez", "/healthz"] {
+            let r = http_get(addr, live).await;
+            assert!(r.starts_with("HTTP/1.1 200"), "{live}: {r}");
+        }
+        ready_tx.send(true).unwrap();
+        let after = http_get(addr, "/readyz").await;
+        server.abort();
+        assert!(
+            after.starts_with("HTTP/1.1 200") && after.ends_with("ok\n"),
+            "{after}"
         );
     }
 

@@ -5,6 +5,22 @@ use tokio::{sync::mpsc, task::JoinHandle};
 /// Aborts the task when dropped, so a task's lifetime follows its owner's.
 pub struct AbortOnDrop(pub JoinHandle<()>);
 
+impl AbortOnDrop {
+    /// Aborts the task and waits until it has stopped (its resources released), rather than
+    /// leaving it to wind down after its owner is gone.
+    pub async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
+
+/// Stops every task, in order.
+pub async fn stop_all(tasks: impl IntoIterator<Item = AbortOnDrop>) {
+    for t in tasks {
+        t.stop().await;
+    }
+}
+
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();

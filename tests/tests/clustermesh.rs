@@ -936,17 +936,20 @@ async fn global_services_are_exported_by_exactly_one_elected_writer() {
             1,
             Duration::from_millis(50),
         );
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(exporter::run(
             client.clone(),
             "cluster-usa".into(),
             identity.into(),
             state,
             Duration::from_secs(2),
+            source.synced(),
+            stop,
         ));
-        (source, task)
+        (source, task, stop_tx)
     };
-    let (_source_a, task_a) = replica("replica-a");
-    let (_source_b, task_b) = replica("replica-b");
+    let (_source_a, task_a, _stop_a) = replica("replica-a");
+    let (_source_b, task_b, _stop_b) = replica("replica-b");
 
     let key = "cilium/state/services/v1/cluster-usa/default/payment-api";
     let value = wait_key(&client, key, true).await.unwrap();

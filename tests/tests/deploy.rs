@@ -228,15 +228,17 @@ impl Manifests {
                 .as_ref()
                 .unwrap()
                 .containers[0];
-            for (what, probe) in [
-                ("liveness", &agent.liveness_probe),
-                ("readiness", &agent.readiness_probe),
+            // Readiness and startup wait for the initial sync (`/readyz`), liveness does not.
+            for (what, probe, path) in [
+                ("liveness", &agent.liveness_probe, "/healthz"),
+                ("readiness", &agent.readiness_probe, "/readyz"),
+                ("startup", &agent.startup_probe, "/readyz"),
             ] {
                 let get = probe
                     .as_ref()
                     .and_then(|p| p.http_get.as_ref())
                     .unwrap_or_else(|| panic!("{origin}: agent has no {what} httpGet probe"));
-                assert_eq!(get.path.as_deref(), Some("/healthz"), "{origin} {what}");
+                assert_eq!(get.path.as_deref(), Some(path), "{origin} {what}");
                 assert_eq!(
                     get.port,
                     k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port.into()),

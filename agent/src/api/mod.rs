@@ -15,6 +15,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, transport::Endpoint};
 
 use crate::{
+    constants,
     datapath::flows::{FlowHub, FlowRecord},
     publish::endpoints::{CniAttachment, CniAttachments},
     status::AgentStatus,
@@ -53,8 +54,9 @@ pub enum ApiError {
     Decode { path: PathBuf, source: ConvertError },
 }
 
-/// Produces the current status document on demand.
-pub type StatusFn = Arc<dyn Fn() -> AgentStatus + Send + Sync>;
+/// Produces the current status document on demand; `None` once the agent is stopping (the
+/// closure holds its sources weakly, so a lingering API call keeps nothing alive).
+pub type StatusFn = Arc<dyn Fn() -> Option<AgentStatus> + Send + Sync>;
 
 /// Whether a local pod's endpoint is ready (identity allocated, policy attached when the
 /// datapath runs): its identity, given namespace, name, address and host ifindex.
@@ -89,7 +91,8 @@ impl pb::agent_server::Agent for Service {
         let status = self.status.clone();
         let doc = tokio::task::spawn_blocking(move || status())
             .await
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .ok_or_else(|| tonic::Status::unavailable("the agent is stopping"))?;
         Ok(Response::new(pb::StatusResponse {
             status: Some(doc.into()),
         }))
@@ -183,6 +186,20 @@ pub async fn serve(
     flows: Option<FlowHub>,
     cni: Option<CniBackend>,
 ) -> Result<(), ApiError> {
+    serve_until(path, status, flows, cni, std::future::pending()).await
+}
+
+/// Serves the API on `path` until `shutdown` completes: then no new connection is accepted,
+/// calls in flight get [`constants::API_DRAIN_TIMEOUT`] to finish (a followed flow stream is
+/// cut), and only once nothing is served any more is the socket file removed. Returns with
+/// everything the service held (the status closure among it) dropped.
+pub async fn serve_until(
+    path: &Path,
+    status: StatusFn,
+    flows: Option<FlowHub>,
+    cni: Option<CniBackend>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ApiError> {
     let listen_err = |source| ApiError::Listen {
         path: path.into(),
         source,
@@ -197,18 +214,45 @@ pub async fn serve(
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(listen_err)?;
     tracing::info!(socket = %path.display(), "serving the agent API");
-    tonic::transport::Server::builder()
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = fired_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
         .add_service(pb::agent_server::AgentServer::new(Service {
             status,
             flows,
             cni,
         }))
-        .serve_with_incoming(UnixListenerStream::new(listener))
-        .await
-        .map_err(|source| ApiError::Serve {
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+    let drained = async {
+        match fired_rx.await {
+            Ok(()) => tokio::time::sleep(constants::API_DRAIN_TIMEOUT).await,
+            // The server ended on its own: the other branch has its result.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = server => r.map_err(|source| ApiError::Serve {
             path: path.into(),
             source,
-        })
+        }),
+        () = drained => {
+            tracing::info!(socket = %path.display(), "agent API calls still open after the drain timeout: closed");
+            Ok(())
+        }
+    };
+    // The server (listener, connections, service) is dropped by now: nobody is served on the
+    // path any more, so removing it cannot cut a client off mid-call.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(socket = %path.display(), error = %e, "cannot remove the API socket")
+        }
+    }
+    result
 }
 
 /// Connects to the agent API on `path`.

@@ -10,7 +10,6 @@ use crate::{
     kvstore::{EtcdClient, EtcdConfig},
     mesh::kvstoremesh::{DRAIN_GRACE, KvstoreMesh, MeshOptions},
     metrics::Metrics,
-    task::AbortOnDrop,
 };
 
 #[derive(Debug, Args)]
@@ -81,7 +80,7 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
         ..MeshOptions::default()
     };
     let export = args.manifests_dir.is_some() || args.kubernetes_api;
-    let _exporter = match (export, args.cluster_id) {
+    let exporter = match (export, args.cluster_id) {
         (true, Some(id)) => {
             let state = crate::state::StateHandle::new(&args.cluster_name, id);
             let source = match &args.manifests_dir {
@@ -101,14 +100,17 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
                 )),
             };
             let identity = format!("{}-{}", crate::config::hostname(), std::process::id());
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let task = tokio::spawn(crate::mesh::exporter::run(
                 local.clone(),
                 args.cluster_name.clone(),
                 identity,
                 state,
-                constants::NODE_LEASE_TTL,
+                constants::EXPORTER_LEASE_TTL,
+                source.synced(),
+                stop_rx,
             ));
-            Some((source, AbortOnDrop(task)))
+            Some((source, stop_tx, task))
         }
         (true, None) => anyhow::bail!(
             "--manifests-dir and --kubernetes-api need --cluster-id: exported services carry \
@@ -129,7 +131,7 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let _mesh = KvstoreMesh::spawn(
+    let mesh = KvstoreMesh::spawn(
         args.clustermesh_config_dir,
         &args.cluster_name,
         local,
@@ -137,9 +139,25 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
         options,
     );
     let mut signals = super::signals::StopSignals::new()?;
-    tokio::select! {
-        _ = signals.recv() => tracing::info!("stopping"),
-        r = metrics.serve(args.metrics_address) => r?,
+    let outcome = tokio::select! {
+        _ = signals.recv() => {
+            tracing::info!("stopping");
+            Ok(())
+        }
+        r = metrics.serve(args.metrics_address) => r.map_err(anyhow::Error::from),
+    };
+    // The exporter resigns and revokes its lease, so a standby takes over now.
+    if let Some((source, stop, mut task)) = exporter {
+        let _ = stop.send(true);
+        if tokio::time::timeout(constants::SHUTDOWN_TIMEOUT, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the service exporter did not step down in time");
+            task.abort();
+        }
+        drop(source);
     }
-    Ok(())
+    drop(mesh);
+    outcome
 }

@@ -101,6 +101,8 @@ pub fn main() -> std::process::ExitCode {
             Command::Bpf(args) => bpf::run(args).await,
         }
     });
+    // A blocking call still running (a status build, a netlink read) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -22,6 +22,19 @@ struct Desired {
     spec: EndpointSpec,
 }
 
+/// `None` until the endpoint source has written every listed pod; then the addresses of
+/// local endpoints that have no interface yet.
+fn synced_waiting_addresses(state: &StateHandle) -> Option<HashSet<std::net::Ipv4Addr>> {
+    let model = state.read();
+    model.local_endpoints_synced().then(|| {
+        model
+            .local_endpoints()
+            .filter(|ep| ep.interface.is_none())
+            .map(|ep| ep.ip)
+            .collect()
+    })
+}
+
 pub(super) async fn reconcile(
     state: StateHandle,
     mut datapath: Datapath,
@@ -66,6 +79,29 @@ pub(super) async fn reconcile(
             policy.remove_endpoint(ifindex);
             datapath.detach_endpoint(ifindex);
             attached.remove(&ifindex);
+        }
+        // Restored from a previous run's pins: once every pod the source lists is in the model,
+        // entries no local endpoint accounts for belong to pods deleted while no agent ran.
+        // A pod still waiting for its interface keeps what holds its address.
+        if let Some(waiting) = synced_waiting_addresses(&state) {
+            let orphans: Vec<(u32, Option<std::net::Ipv4Addr>)> = policy
+                .held()
+                .into_iter()
+                .filter(|(i, addr)| {
+                    !desired.contains_key(i)
+                        && !attached.contains_key(i)
+                        && !addr.is_some_and(|a| waiting.contains(&a))
+                })
+                .collect();
+            for (ifindex, address) in orphans {
+                tracing::info!(
+                    ifindex,
+                    ?address,
+                    "removing restored policy of a pod that no longer exists"
+                );
+                policy.remove_endpoint(ifindex);
+                datapath.detach_endpoint(ifindex);
+            }
         }
         for (ifindex, d) in desired {
             let programmed = match attached.entry(ifindex) {

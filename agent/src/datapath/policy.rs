@@ -310,6 +310,22 @@ impl PolicyWriter {
         self.finish_pass(ifindex);
     }
 
+    /// Every endpoint the maps hold something for (ENDPOINTS entries and POLICY entries,
+    /// adopted from a previous agent among them), with its address when it has an ENDPOINTS
+    /// entry.
+    pub fn held(&self) -> BTreeMap<u32, Option<Ipv4Addr>> {
+        let mut out: BTreeMap<u32, Option<Ipv4Addr>> = self
+            .endpoints
+            .programmed()
+            .iter()
+            .map(|(i, info)| (*i, Some(Ipv4Addr::from(info.address.to_ne_bytes()))))
+            .collect();
+        for (ifindex, _) in self.policy.programmed().keys() {
+            out.entry(*ifindex).or_insert(None);
+        }
+        out
+    }
+
     /// Endpoints currently programmed (ifindex).
     pub fn endpoints(&self) -> impl Iterator<Item = u32> + '_ {
         self.endpoints.programmed().keys().copied()

@@ -52,7 +52,7 @@ pub struct DatapathAgent {
     /// Local endpoints with programs attached and maps written: ifindex → identity.
     programmed: Arc<Mutex<BTreeMap<u32, u32>>>,
     flows: FlowHub,
-    _tasks: Vec<AbortOnDrop>,
+    tasks: Vec<AbortOnDrop>,
 }
 
 impl DatapathAgent {
@@ -145,7 +145,7 @@ impl DatapathAgent {
             status,
             programmed,
             flows,
-            _tasks: tasks,
+            tasks,
         })
     }
 
@@ -168,6 +168,12 @@ impl DatapathAgent {
 
     pub fn flows(&self) -> FlowHub {
         self.flows.clone()
+    }
+
+    /// Stops the reconcilers and readers and waits for them. The pinned maps and links stay:
+    /// the datapath keeps serving until the next agent adopts it.
+    pub async fn stop(self) {
+        crate::task::stop_all(self.tasks).await;
     }
 }
 

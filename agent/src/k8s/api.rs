@@ -373,7 +373,10 @@ impl ApiSource {
                         policies = snapshot.policies.len(),
                         "Kubernetes objects listed"
                     );
+                    // Objects first: whoever sees `synced` finds the full listing.
+                    objects_tx.send_replace(snapshot);
                     synced_tx.send_replace(true);
+                    continue;
                 }
                 objects_tx.send_replace(snapshot);
             }

@@ -16,6 +16,7 @@ use crate::state::{ServiceName, StateHandle};
 
 pub struct ManifestsSource {
     objects: watch::Receiver<Objects>,
+    synced: watch::Receiver<bool>,
     task: JoinHandle<()>,
 }
 
@@ -67,6 +68,7 @@ impl ManifestsSource {
     /// to what the manifests define.
     pub fn spawn(dir: PathBuf, state: StateHandle, cluster_id: u32, interval: Duration) -> Self {
         let (tx, objects) = watch::channel(Objects::default());
+        let (synced_tx, synced) = watch::channel(false);
         let task = tokio::spawn(async move {
             let mut last_hash = None;
             let mut reported: HashSet<(String, String)> = HashSet::new();
@@ -98,9 +100,20 @@ impl ManifestsSource {
                 if tx.send(objects).is_err() {
                     return;
                 }
+                // The first complete read is applied and published: the source has listed.
+                synced_tx.send_if_modified(|s| !std::mem::replace(s, true));
             }
         });
-        Self { objects, task }
+        Self {
+            objects,
+            synced,
+            task,
+        }
+    }
+
+    /// Becomes true once the directory has been read and applied once.
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.clone()
     }
 
     /// The objects of the latest read (for consumers of pods and policies).

@@ -89,4 +89,13 @@ impl LocalSource {
             Self::Api(a) => a.objects(),
         }
     }
+
+    /// Becomes true once the source has listed everything it watches (and the objects
+    /// [`Self::objects`] holds are that listing or newer).
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        match self {
+            Self::Manifests(m) => m.synced(),
+            Self::Api(a) => a.synced(),
+        }
+    }
 }

@@ -5,6 +5,9 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use etcd_client::{LeaderKey, ResignOptions};
+use tokio::sync::watch;
+
 use crate::wire::{KvClusterService, L4Addr, keys};
 use crate::{
     kvstore::{EtcdClient, Lease},
@@ -53,26 +56,70 @@ pub fn wire_service(svc: &ClusterService) -> KvClusterService {
     wire
 }
 
-/// Runs until dropped: campaign, then keep the exported set equal to the local global
-/// services while leader; campaign again if the lease (and with it the leadership) is lost.
+/// Why a leadership ended.
+enum Ended {
+    /// The lease (and with it the leadership) was lost: campaign again.
+    Lost,
+    /// Asked to stop: resigned and revoked.
+    Stopped,
+}
+
+/// Runs until `stop` turns true (or the task is dropped): waits for the Kubernetes source to
+/// have listed (`source_synced`), so a fresh leader never withdraws exports it has not read
+/// yet; then campaigns, and keeps the exported set equal to the local global services while
+/// leader; campaigns again if the lease is lost. On `stop` it resigns and revokes its lease,
+/// so a standby takes over at once instead of waiting out the TTL (a crash costs at most
+/// `lease_ttl`).
 pub async fn run(
     local: EtcdClient,
     cluster: String,
     identity: String,
     state: StateHandle,
     lease_ttl: Duration,
+    mut source_synced: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
+    tokio::select! {
+        r = source_synced.wait_for(|s| *s) => if r.is_err() {
+            tracing::warn!(%cluster, "the Kubernetes source stopped before it synced: not exporting");
+            return;
+        },
+        _ = stop.wait_for(|s| *s) => return,
+    }
+    tracing::info!(%cluster, %identity, "Kubernetes source synced: campaigning for the service export");
     loop {
-        match lead(&local, &cluster, &identity, &state, lease_ttl).await {
-            Ok(()) => {
+        match lead(&local, &cluster, &identity, &state, lease_ttl, &mut stop).await {
+            Ok(Ended::Stopped) => return,
+            Ok(Ended::Lost) => {
                 tracing::warn!(%cluster, "service exporter lost its leadership; campaigning again")
             }
             Err(e) => {
                 tracing::warn!(%cluster, error = %e, "service exporter failed; campaigning again");
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
             }
         }
     }
+}
+
+/// Gives the leadership up: resign (the next campaigner is elected now), then revoke the
+/// lease (what is still bound to it goes; the successor rewrites the exports on its own).
+async fn step_down(local: &EtcdClient, cluster: &str, leader: Option<LeaderKey>, lease: Lease) {
+    if let Some(key) = leader
+        && let Err(e) = local
+            .raw()
+            .election_client()
+            .resign(Some(ResignOptions::new().with_leader(key)))
+            .await
+    {
+        tracing::warn!(%cluster, error = %e, "service exporter could not resign");
+    }
+    if let Err(e) = lease.close().await {
+        tracing::warn!(%cluster, error = %e, "service exporter could not revoke its lease");
+    }
+    tracing::info!(%cluster, "service exporter stepped down");
 }
 
 async fn lead(
@@ -81,14 +128,33 @@ async fn lead(
     identity: &str,
     state: &StateHandle,
     ttl: Duration,
-) -> anyhow::Result<()> {
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Ended> {
+    enum Campaign {
+        Won(Option<LeaderKey>),
+        Lost,
+        Stop,
+    }
     let lease = Lease::grant(local, ttl).await?;
     // Blocks until elected (no request timeout: waiting is the point).
-    local
-        .raw()
-        .election_client()
-        .campaign(election_name(cluster), identity, lease.id())
-        .await?;
+    let outcome = {
+        let mut election = local.raw().election_client();
+        let campaign = election.campaign(election_name(cluster), identity, lease.id());
+        tokio::select! {
+            r = campaign => Campaign::Won(r?.leader().cloned()),
+            _ = lease.wait_lost() => Campaign::Lost,
+            _ = stop.wait_for(|s| *s) => Campaign::Stop,
+        }
+    };
+    let leader = match outcome {
+        Campaign::Won(leader) => leader,
+        Campaign::Lost => return Ok(Ended::Lost),
+        Campaign::Stop => {
+            // A standby's campaign key is bound to the lease: revoking withdraws it.
+            step_down(local, cluster, None, lease).await;
+            return Ok(Ended::Stopped);
+        }
+    };
     tracing::info!(%cluster, %identity, "elected: exporting global services");
     let prefix = format!("{}/{cluster}/", keys::SERVICE_STORE_PREFIX);
     let mut exported: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -130,9 +196,23 @@ async fn lead(
         }
         stale.clear();
         exported = desired;
-        tokio::select! {
-            changed = changes.changed() => changed?,
-            _ = lease.wait_lost() => return Ok(()),
+        enum Next {
+            Changed(Result<(), watch::error::RecvError>),
+            Lost,
+            Stop,
+        }
+        let next = tokio::select! {
+            changed = changes.changed() => Next::Changed(changed),
+            _ = lease.wait_lost() => Next::Lost,
+            _ = stop.wait_for(|s| *s) => Next::Stop,
+        };
+        match next {
+            Next::Changed(r) => r?,
+            Next::Lost => return Ok(Ended::Lost),
+            Next::Stop => {
+                step_down(local, cluster, leader, lease).await;
+                return Ok(Ended::Stopped);
+            }
         }
     }
 }

@@ -140,6 +140,20 @@ impl ClusterMesh {
         }
     }
 
+    /// Stops following the config directory, then every remote connection, and waits for
+    /// each (what they wrote into the state model stays).
+    pub async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        let remotes: Vec<Entry> =
+            std::mem::take(&mut *self.remotes.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_values()
+                .collect();
+        for entry in remotes {
+            entry.handle.stop().await;
+        }
+    }
+
     /// Status of every configured remote cluster, sorted by name.
     pub fn statuses(&self) -> Vec<RemoteClusterStatus> {
         let mut out: Vec<RemoteClusterStatus> = self

@@ -162,6 +162,14 @@ impl RemoteHandle {
     }
 }
 
+impl RemoteHandle {
+    /// Stops the connection and waits until its task is gone.
+    pub async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
 impl Drop for RemoteHandle {
     fn drop(&mut self) {
         self.task.abort();

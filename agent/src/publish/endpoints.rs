@@ -146,6 +146,20 @@ fn local_pods(
         .collect()
 }
 
+/// Whether every local pod of `objects` is tracked as it is and written into the model.
+fn all_written(
+    objects: &Objects,
+    node: &str,
+    cluster: &str,
+    tracked: &BTreeMap<(String, String), Tracked>,
+) -> bool {
+    local_pods(objects, node, cluster).iter().all(|p| {
+        tracked
+            .get(&(p.namespace.clone(), p.name.clone()))
+            .is_some_and(|t| t.pod == *p && t.written.is_some())
+    })
+}
+
 /// Host-side interface the node routes `ip/32` to (this process's network namespace).
 pub async fn host_interface(ip: Ipv4Addr) -> Result<Option<HostInterface>, HostnetError> {
     let Some(ifindex) = hostnet::host_route_ifindex(ip).await? else {
@@ -165,7 +179,10 @@ struct Tracked {
 
 impl EndpointSource {
     /// Runs until dropped: follows `objects` and the identities known to the state model.
-    pub async fn run(self, mut objects: watch::Receiver<Objects>) {
+    /// Once `listed` (the local source synced) holds and every pod of the listing is in the
+    /// model, says so in the model (the datapath then drops restored entries of gone pods).
+    pub async fn run(self, mut objects: watch::Receiver<Objects>, listed: watch::Receiver<bool>) {
+        let mut announced = false;
         let mut tracked: BTreeMap<(String, String), Tracked> = BTreeMap::new();
         let mut versions = self.state.subscribe();
         let mut reported: HashSet<String> = HashSet::new();
@@ -177,11 +194,21 @@ impl EndpointSource {
         loop {
             // Before the identities are read: a change while translating wakes the next pass.
             let identities = versions.borrow_and_update().identities;
+            // Before the objects: the source publishes its listing before it says synced.
+            let was_listed = *listed.borrow();
             let current = objects.borrow_and_update().clone();
             let attached = cni.borrow_and_update().clone();
             self.sync_pods(&current, &attached, &mut tracked).await;
             self.sync_model(&current, &mut tracked, &mut reported, changed)
                 .await;
+            if !announced
+                && was_listed
+                && all_written(&current, &self.node, &self.cluster, &tracked)
+            {
+                announced = true;
+                tracing::info!(pods = tracked.len(), "local endpoints synced");
+                self.state.update(|m| m.set_local_endpoints_synced());
+            }
             changed = tokio::select! {
                 r = objects.changed() => if r.is_err() { return } else { true },
                 r = cni.changed() => if r.is_err() { return } else { true },

@@ -48,6 +48,20 @@ impl StateModel {
         }
     }
 
+    /// The endpoint source has written every pod of the local source's first full listing:
+    /// from now on a restored datapath entry of no local endpoint belongs to a pod that is
+    /// gone.
+    pub fn set_local_endpoints_synced(&mut self) {
+        if !self.local_endpoints_synced {
+            self.local_endpoints_synced = true;
+            self.dirty.local_endpoints = true;
+        }
+    }
+
+    pub fn local_endpoints_synced(&self) -> bool {
+        self.local_endpoints_synced
+    }
+
     pub fn local_endpoints(&self) -> impl Iterator<Item = &LocalEndpoint> {
         self.local_endpoints.values()
     }

@@ -106,6 +106,8 @@ pub struct StateModel {
     services: BTreeMap<ServiceName, BTreeMap<ClusterName, ClusterService>>,
     /// This node's pods, by (namespace, name).
     local_endpoints: BTreeMap<(String, String), LocalEndpoint>,
+    /// Every pod of the local source's first full listing is among `local_endpoints`.
+    local_endpoints_synced: bool,
     encryption_routes: Option<Vec<EncryptionRoute>>,
     dirty: Dirty,
     /// Pod CIDRs changed: refusals are recomputed once per update batch, in `settle`.
@@ -125,6 +127,7 @@ impl StateModel {
             identities: BTreeMap::new(),
             services: BTreeMap::new(),
             local_endpoints: BTreeMap::new(),
+            local_endpoints_synced: false,
             encryption_routes: None,
             dirty: Dirty::default(),
             refusals_dirty: false,

@@ -88,6 +88,7 @@ pub struct Metrics {
     pub datapath_map_errors: Family<MapOpLabels, Counter>,
     pub datapath_map_entries: Family<MapLabels, Gauge>,
     pub ipcache_refused: Family<ClusterReasonLabels, Counter>,
+    pub endpoints_unenforced: Family<ReasonLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -105,6 +106,7 @@ impl Metrics {
         let (datapath_drops, datapath_map_errors, datapath_map_entries) =
             (Family::default(), Family::default(), Family::default());
         let (remote_datapath_up, ipcache_refused) = (Family::default(), Family::default());
+        let endpoints_unenforced = Family::default();
         let mut registry = Registry::with_prefix("strait");
         registry.register(
             "kvstore_rejected",
@@ -169,6 +171,12 @@ impl Metrics {
              (local, outside-pod-cidrs, conflict); each refusal counts once when it appears",
             ipcache_refused.clone(),
         );
+        registry.register(
+            "endpoints_unenforced",
+            "local endpoints a policy selects that the datapath does not enforce, by reason \
+             (no-host-route, identity-allocation-failed, attach-failed, map-write-failed)",
+            endpoints_unenforced.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             kvstore_rejected,
@@ -183,6 +191,7 @@ impl Metrics {
             datapath_map_errors,
             datapath_map_entries,
             ipcache_refused,
+            endpoints_unenforced,
         }
     }
 

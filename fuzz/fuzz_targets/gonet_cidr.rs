@@ -58,5 +58,9 @@ fuzz_target!(|data: &[u8]| {
         check_mask(&IpMask::from_ipnet(net));
         assert_eq!(IpMask::from_ipnet(net).ones(), Some(net.prefix_len()));
     }
-    round_trip(&v, |v| json::to_go_json(v, "fuzz"), |b| json::from_json(b, "fuzz"));
+    round_trip(
+        &v,
+        |v| json::to_go_json(v, "fuzz"),
+        |b| json::from_json(b, "fuzz"),
+    );
 });

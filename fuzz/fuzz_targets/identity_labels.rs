@@ -12,7 +12,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let one = Label::parse(text);
-    let _ = (is_identity_label(&one), one.is_workload_label(), one.to_string());
+    let _ = (
+        is_identity_label(&one),
+        one.is_workload_label(),
+        one.to_string(),
+    );
     let Ok(labels) = LabelArray::parse_sorted_list(text) else {
         return;
     };

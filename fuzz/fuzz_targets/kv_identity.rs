@@ -23,7 +23,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(ident.labels.iter().all(|l| l.is_workload_label()));
         assert!(remote.identity_range().contains(ident.id));
         let list = ident.labels.to_sorted_list();
-        assert_eq!(LabelArray::parse_sorted_list(&list).as_ref(), Ok(&ident.labels));
+        assert_eq!(
+            LabelArray::parse_sorted_list(&list).as_ref(),
+            Ok(&ident.labels)
+        );
         encoded = Some(list.into_bytes());
     }
     sync(DataKind::Identities, &input, encoded);

@@ -16,7 +16,10 @@ fuzz_target!(|data: &[u8]| {
     let encoded = KvNode::decode(input.value).ok().map(|node| {
         let _ = (node.key_name(), node.fullname(), node.pod_cidrs());
         let _ = (node.node_ip(false), node.node_ip(true), node.internal_ip());
-        let _ = (node.cilium_internal_ip(false), node.cilium_internal_ip(true));
+        let _ = (
+            node.cilium_internal_ip(false),
+            node.cilium_internal_ip(true),
+        );
         let _ = (node.wireguard_pub_key(), node.wireguard_pub_key_bytes());
         round_trip(&node, KvNode::encode, KvNode::decode)
     });

@@ -82,7 +82,9 @@ impl<'a> KvInput<'a> {
     }
 
     fn cluster(&self) -> &str {
-        self.remote.as_ref().map_or(LOCAL_CLUSTER, |r| r.name.as_str())
+        self.remote
+            .as_ref()
+            .map_or(LOCAL_CLUSTER, |r| r.name.as_str())
     }
 }
 

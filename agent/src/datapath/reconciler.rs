@@ -115,6 +115,7 @@ impl DatapathAgent {
             dp,
             policy,
             status.clone(),
+            metrics.clone(),
         ))));
         tasks.push(AbortOnDrop(tokio::spawn(follow_guard(
             state.clone(),

@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 pub use ipcache::{IpcacheRefusal, OwnedEndpoint, Ownership, RefusalReason, owned_endpoints};
-pub use local::{EncryptionRoute, HostInterface, LocalEndpoint};
+pub use local::{EncryptionRoute, HostInterface, LocalEndpoint, UnidentifiedEndpoint};
 pub use overlap::Overlap;
 pub use services::{SelectedBackend, ServiceView};
 pub use types::*;
@@ -106,6 +106,8 @@ pub struct StateModel {
     services: BTreeMap<ServiceName, BTreeMap<ClusterName, ClusterService>>,
     /// This node's pods, by (namespace, name).
     local_endpoints: BTreeMap<(String, String), LocalEndpoint>,
+    /// This node's pods selected by policy that have no identity (yet), by (namespace, name).
+    unidentified: BTreeMap<(String, String), UnidentifiedEndpoint>,
     encryption_routes: Option<Vec<EncryptionRoute>>,
     dirty: Dirty,
     /// Pod CIDRs changed: refusals are recomputed once per update batch, in `settle`.
@@ -125,6 +127,7 @@ impl StateModel {
             identities: BTreeMap::new(),
             services: BTreeMap::new(),
             local_endpoints: BTreeMap::new(),
+            unidentified: BTreeMap::new(),
             encryption_routes: None,
             dirty: Dirty::default(),
             refusals_dirty: false,

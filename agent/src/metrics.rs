@@ -91,6 +91,7 @@ pub struct Metrics {
     pub health_refused: Family<ClusterReasonLabels, Counter>,
     pub health_probes_sent: Counter,
     pub health_replies_rejected: Counter,
+    pub endpoints_unenforced: Family<ReasonLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -110,6 +111,7 @@ impl Metrics {
         let (remote_datapath_up, ipcache_refused) = (Family::default(), Family::default());
         let (health_refused, health_probes_sent, health_replies_rejected) =
             (Family::default(), Counter::default(), Counter::default());
+        let endpoints_unenforced = Family::default();
         let mut registry = Registry::with_prefix("strait");
         registry.register(
             "health_refused_targets",
@@ -191,6 +193,12 @@ impl Metrics {
              (local, outside-pod-cidrs, conflict); each refusal counts once when it appears",
             ipcache_refused.clone(),
         );
+        registry.register(
+            "endpoints_unenforced",
+            "local endpoints a policy selects that the datapath does not enforce, by reason \
+             (no-host-route, identity-allocation-failed, attach-failed, map-write-failed)",
+            endpoints_unenforced.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             kvstore_rejected,
@@ -208,6 +216,7 @@ impl Metrics {
             health_refused,
             health_probes_sent,
             health_replies_rejected,
+            endpoints_unenforced,
         }
     }
 

@@ -289,6 +289,20 @@ impl AgentStatus {
                 for e in &d.errors {
                     let _ = writeln!(out, "   └  error: {e}");
                 }
+                if !d.unenforced.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "   └  {} endpoints selected by policy are NOT enforced:",
+                        d.unenforced.len()
+                    );
+                    for u in &d.unenforced {
+                        let _ = writeln!(
+                            out,
+                            "      {} ({}): {}: {}",
+                            u.pod, u.ip, u.reason, u.detail
+                        );
+                    }
+                }
             }
         }
         match &self.encryption {
@@ -364,6 +378,39 @@ mod tests {
             encryption: None,
             datapath: None,
         }
+    }
+
+    #[test]
+    fn unenforced_endpoints_are_listed_with_their_reason() {
+        use crate::datapath::{DatapathStatus, enforcement::UnenforcedEndpoint};
+        let mut s = status(0);
+        s.datapath = Some(DatapathStatus::default());
+        let clean = s.render();
+        assert!(!clean.contains("NOT enforced"), "{clean}");
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("unenforced"), "{json}");
+
+        s.datapath.as_mut().unwrap().unenforced = vec![UnenforcedEndpoint {
+            pod: "shop/db".into(),
+            ip: "10.1.1.5".parse().unwrap(),
+            reason: "no-host-route".into(),
+            detail: "no /32 route to 10.1.1.5 on this node".into(),
+        }];
+        let text = s.render();
+        assert!(
+            text.contains(
+                "   └  1 endpoints selected by policy are NOT enforced:\n      shop/db (10.1.1.5): \
+                 no-host-route: no /32 route to 10.1.1.5 on this node\n"
+            ),
+            "{text}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            json["datapath"]["unenforced"][0]["reason"], "no-host-route",
+            "{json}"
+        );
+        let back: AgentStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

@@ -958,3 +958,152 @@ fn a_failed_ipcache_write_is_counted_and_retried() {
     assert_eq!((report.entries, report.writes), (2, 1));
     assert!(!writer.pending());
 }
+
+/// The endpoints reconciler of a real agent: of the pods a policy selects, one without a
+/// host route, one whose interface is gone (attach fails) and one past the ENDPOINTS map's
+/// capacity (the write fails) are listed with their reason and counted; the pod that fits
+/// and a pod no policy selects are not. Removing them empties the list and the gauges.
+#[test]
+fn unenforced_endpoints_are_listed_and_counted_with_their_reason() {
+    use std::{sync::Arc, time::Duration};
+    use strait::{
+        datapath::{DatapathAgent, DatapathSection, enforcement::UnenforcedEndpoint},
+        state::{HostInterface, LocalEndpoint, StateHandle},
+    };
+    use strait_tests::datapath::{PinRoot, PodNode};
+
+    require_privileges();
+    let ips: Vec<Ipv4Addr> = ["10.9.3.5", "10.9.3.6"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let node = PodNode::new(&ips);
+    let pin_root = PinRoot::new();
+    let cgroup = TestCgroup::new();
+    let mut selected = EndpointPolicy {
+        ingress_enforced: true,
+        ..Default::default()
+    };
+    selected
+        .entries
+        .insert(entry(1000, Direction::Ingress, 6, 5432, false));
+    let endpoint =
+        |name: &str, ip: &str, iface: Option<(&str, u32)>, policy: &EndpointPolicy| LocalEndpoint {
+            namespace: "shop".into(),
+            name: name.into(),
+            ip: ip.parse().unwrap(),
+            identity: 65537,
+            interface: iface.map(|(name, ifindex)| HostInterface {
+                name: name.into(),
+                ifindex,
+            }),
+            policy: policy.clone(),
+        };
+
+    // Everything runs on this thread, in the node namespace (attach finds the veths there).
+    let _in_node = strait::netns::NetnsGuard::enter(node.node.name()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let state = StateHandle::new("usa", 1);
+        let ifindex =
+            |i: usize| strait::datapath::loader::ifindex(&node.pods[i].host_iface).unwrap();
+        state.update(|m| {
+            for (i, pod) in node.pods.iter().enumerate() {
+                m.upsert_local_endpoint(endpoint(
+                    &format!("pod{i}"),
+                    &pod.ip.to_string(),
+                    Some((&pod.host_iface, ifindex(i))),
+                    &selected,
+                ));
+            }
+            m.upsert_local_endpoint(endpoint(
+                "gone",
+                "10.9.3.7",
+                Some(("ztfgone0", 999_999)),
+                &selected,
+            ));
+            m.upsert_local_endpoint(endpoint("noroute", "10.9.3.8", None, &selected));
+            m.upsert_local_endpoint(endpoint(
+                "open",
+                "10.9.3.9",
+                None,
+                &EndpointPolicy::default(),
+            ));
+        });
+        let metrics = strait::metrics::Metrics::new();
+        let config = DatapathSection {
+            pin_root: pin_root.path().into(),
+            cgroup: Some(cgroup.path().into()),
+            trace_allowed: false,
+            map_sizes: MapSizes {
+                endpoints: 1,
+                ..MapSizes::default()
+            },
+        };
+        let (_synced_tx, synced) = tokio::sync::watch::channel(true);
+        let agent = DatapathAgent::start(
+            &config,
+            state.clone(),
+            synced,
+            metrics.clone(),
+            Arc::new(|_| (None, vec![])),
+        )
+        .expect("starting the datapath");
+        let wait = |want: usize| {
+            let agent = &agent;
+            async move {
+                for _ in 0..200 {
+                    let list = agent.status().unenforced;
+                    if list.len() == want {
+                        return list;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                panic!("never {want} unenforced: {:?}", agent.status());
+            }
+        };
+        let list: Vec<UnenforcedEndpoint> = wait(3).await;
+        let reasons: BTreeMap<&str, &str> = list
+            .iter()
+            .map(|u| (u.pod.as_str(), u.reason.as_str()))
+            .collect();
+        assert_eq!(reasons.get("shop/gone"), Some(&"attach-failed"), "{list:?}");
+        assert_eq!(
+            reasons.get("shop/noroute"),
+            Some(&"no-host-route"),
+            "{list:?}"
+        );
+        // One pod fits the one-entry map, the other does not (which one: ifindex order).
+        let full: Vec<&str> = ["shop/pod0", "shop/pod1"]
+            .into_iter()
+            .filter(|p| reasons.get(p) == Some(&"map-write-failed"))
+            .collect();
+        assert_eq!(full.len(), 1, "{list:?}");
+        assert_eq!(agent.status().endpoints, 1);
+        let gauge = |reason: &str| {
+            let text = metrics.render();
+            let prefix = format!("strait_endpoints_unenforced{{reason=\"{reason}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+                .unwrap_or_else(|| panic!("{text}"))
+        };
+        for reason in ["attach-failed", "no-host-route", "map-write-failed"] {
+            assert_eq!(gauge(reason), "1", "{reason}");
+        }
+
+        // Gone from the model: gone from the list and the counts.
+        state.update(|m| {
+            m.delete_local_endpoint("shop", "gone");
+            m.delete_local_endpoint("shop", "noroute");
+            m.delete_local_endpoint("shop", full[0].trim_start_matches("shop/"));
+        });
+        wait(0).await;
+        for reason in ["attach-failed", "no-host-route", "map-write-failed"] {
+            assert_eq!(gauge(reason), "0", "{reason}");
+        }
+        drop(agent);
+    });
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod vm;
@@ -20,7 +21,7 @@ struct Cli {
 enum Task {
     /// Make sure this machine can build and run strait: checks the kernel (root, bpffs, BTF,
     /// cgroup v2), installs rust-src on the nightly toolchain, bpf-linker 0.13 (built against
-    /// the nightly's LLVM 22) and the Debian packages tests and demo use. Idempotent.
+    /// the nightly's LLVM 22), cargo-fuzz and the Debian packages tests and demo use. Idempotent.
     Setup,
     /// Set up, then build the agent (with its eBPF object built from source).
     Build {
@@ -29,7 +30,8 @@ enum Task {
         release: bool,
     },
     /// Set up, then run every quality gate: rustfmt, clippy (userspace and eBPF), unit tests,
-    /// and the privileged tests (real programs in real namespaces; needs root).
+    /// the privileged tests (real programs in real namespaces; needs root) and a few seconds
+    /// of every fuzz target.
     Test {
         /// Run only tests whose name contains this string.
         #[arg(long)]
@@ -48,6 +50,10 @@ enum Task {
     /// (or `--test`s, or a command after `--`) there and exits with their status. Kernels are
     /// downloaded once into <target>/vm/, never installed. TCG boots in ~10 s.
     Vm(vm::VmArgs),
+    /// Set up, build the fuzz targets (fuzz/, cargo-fuzz on nightly) and run one target, or
+    /// every target one after the other, for --seconds each. Fails on the first crash, with
+    /// the input saved. `--list` lists the targets.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +64,14 @@ fn main() -> std::process::ExitCode {
         Task::Test { filter } => setup::run().and_then(|env| test::run(&env, filter.as_deref())),
         Task::Demo => setup::run().and_then(|env| demo::run(&env)),
         Task::Bench { name, args } => setup::run().and_then(|env| bench::run(&env, &name, &args)),
+        Task::Fuzz(args) => {
+            if args.list {
+                fuzz::main_list();
+                Ok(())
+            } else {
+                setup::run().and_then(|env| fuzz::main(&env, &args))
+            }
+        }
         Task::Vm(args) => match setup::run().and_then(|env| vm::main(&env, &args)) {
             Ok(0) => Ok(()),
             Ok(rc) => return std::process::ExitCode::from(rc),

@@ -13,6 +13,8 @@ use anyhow::{Context as _, bail};
 use crate::cmd::{self, Env};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz drives the libFuzzer targets in fuzz/ (`cargo xtask fuzz`).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Debian packages the tests, the demo and later work use. `iputils-ping` and `procps` are
 /// small tools the demo and harness call; `protobuf-compiler` and `libprotobuf-dev` (well-known .proto files) build the etcd gRPC client.
@@ -49,6 +51,7 @@ pub fn run() -> anyhow::Result<Env> {
     report_kubectl();
     let ebpf_toolchain = ensure_rust_src()?;
     let bin_dir = ensure_bpf_linker(&ebpf_toolchain)?;
+    ensure_cargo_fuzz(&bin_dir)?;
     println!("setup: done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(Env {
         bin_dir,
@@ -310,6 +313,38 @@ fn ensure_bpf_linker(toolchain: &str) -> anyhow::Result<PathBuf> {
         started.elapsed().as_secs_f64()
     );
     Ok(bin_dir)
+}
+
+/// cargo-fuzz from crates.io into $CARGO_HOME/bin (a plain cargo subcommand: any toolchain
+/// builds it; the fuzz targets themselves build on the eBPF toolchain).
+fn ensure_cargo_fuzz(bin_dir: &Path) -> anyhow::Result<()> {
+    let bin = bin_dir.join("cargo-fuzz");
+    if let Ok(out) = Command::new(&bin).arg("--version").output()
+        && out.status.success()
+        && String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION)
+    {
+        println!(
+            "cargo-fuzz:   {} ({})",
+            bin.display(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        return Ok(());
+    }
+    println!("cargo-fuzz:   installing {CARGO_FUZZ_VERSION} (~1 min), cargo's progress follows");
+    cmd::run(
+        Command::new("cargo")
+            .args([
+                "install",
+                "cargo-fuzz",
+                "--locked",
+                "--version",
+                CARGO_FUZZ_VERSION,
+            ])
+            .arg("--root")
+            .arg(cargo_home())
+            .arg("--force"),
+    )
+    .context("installing cargo-fuzz")
 }
 
 /// kubectl renders deploy/'s kustomize overlays in tests/tests/deploy.rs (which fails under

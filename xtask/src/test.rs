@@ -8,6 +8,10 @@ use std::{
 
 use crate::cmd::{self, Env};
 
+/// Seconds each fuzz target runs in the gate: a smoke run (crashes the seeds or their first
+/// mutations find); the long runs are `cargo xtask fuzz`.
+const FUZZ_SECONDS: u64 = 3;
+
 pub fn run(env: &Env, filter: Option<&str>) -> anyhow::Result<()> {
     let started = Instant::now();
 
@@ -62,6 +66,15 @@ pub fn run(env: &Env, filter: Option<&str>) -> anyhow::Result<()> {
         tests.arg(f);
     }
     cmd::run(&mut tests)?;
+
+    if filter.is_none() {
+        cmd::step("fuzz: rustfmt --check of fuzz/, then every target briefly");
+        cmd::run(
+            env.cargo()
+                .args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]),
+        )?;
+        crate::fuzz::run(env, crate::fuzz::TARGETS, FUZZ_SECONDS)?;
+    }
 
     vm_step(env, filter)?;
 

@@ -8,6 +8,7 @@ use super::pb;
 use crate::{
     datapath::{
         DatapathStatus,
+        enforcement::UnenforcedEndpoint,
         flows::{FlowPeer, FlowRecord},
     },
     health::RefusedTarget,
@@ -369,6 +370,16 @@ impl From<DatapathStatus> for pb::DatapathStatus {
             ipcache_entries: s.ipcache_entries as u64,
             endpoints: s.endpoints as u64,
             errors: s.errors,
+            unenforced: s
+                .unenforced
+                .into_iter()
+                .map(|u| pb::UnenforcedEndpoint {
+                    pod: u.pod,
+                    ip: u.ip.to_string(),
+                    reason: u.reason,
+                    detail: u.detail,
+                })
+                .collect(),
         }
     }
 }
@@ -384,6 +395,21 @@ impl TryFrom<pb::DatapathStatus> for DatapathStatus {
             ipcache_entries: count("datapath.ipcache_entries", s.ipcache_entries)?,
             endpoints: count("datapath.endpoints", s.endpoints)?,
             errors: s.errors,
+            unenforced: s
+                .unenforced
+                .into_iter()
+                .map(|u| {
+                    Ok(UnenforcedEndpoint {
+                        ip: u
+                            .ip
+                            .parse()
+                            .map_err(|e| invalid("datapath.unenforced.ip", &u.ip, e))?,
+                        pod: u.pod,
+                        reason: u.reason,
+                        detail: u.detail,
+                    })
+                })
+                .collect::<Result<_, ConvertError>>()?,
         })
     }
 }
@@ -557,6 +583,12 @@ mod tests {
                 ipcache_entries: 12,
                 endpoints: 2,
                 errors: vec!["10.96.0.10:80: no backends fit".into()],
+                unenforced: vec![UnenforcedEndpoint {
+                    pod: "shop/db".into(),
+                    ip: "10.1.1.5".parse().unwrap(),
+                    reason: "map-write-failed".into(),
+                    detail: "POLICY4 is full".into(),
+                }],
             }),
         }
     }

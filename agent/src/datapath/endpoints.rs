@@ -8,8 +8,13 @@ use std::{
     time::Duration,
 };
 
-use super::{Datapath, DatapathStatus, policy::EndpointSpec, policy::PolicyWriter};
-use crate::state::StateHandle;
+use super::{
+    Datapath, DatapathStatus,
+    enforcement::{self, Failures, Reporter, UnenforcedReason},
+    policy::EndpointSpec,
+    policy::PolicyWriter,
+};
+use crate::{metrics::Metrics, state::StateHandle};
 
 /// How often what could not be attached or programmed is tried again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -41,8 +46,12 @@ pub(super) async fn reconcile(
     mut policy: PolicyWriter,
     status: Arc<Mutex<DatapathStatus>>,
     programmed: Arc<Mutex<BTreeMap<u32, u32>>>,
+    metrics: Metrics,
 ) {
     let mut versions = state.subscribe();
+    // Why selected endpoints are not enforced, as last tried (by pod).
+    let mut failures = Failures::new();
+    let mut reporter = Reporter::default();
     // Interfaces with the programs attached, with what their maps hold (`None`: nothing yet).
     let mut attached: BTreeMap<u32, Option<EndpointSpec>> = BTreeMap::new();
     let mut reported: HashSet<String> = HashSet::new();
@@ -103,6 +112,7 @@ pub(super) async fn reconcile(
                 datapath.detach_endpoint(ifindex);
             }
         }
+        failures.retain(|pod, _| desired.values().any(|d| d.pod == *pod));
         for (ifindex, d) in desired {
             let programmed = match attached.entry(ifindex) {
                 Entry::Occupied(a) => a.into_mut(),
@@ -115,6 +125,10 @@ pub(super) async fn reconcile(
                         if reported.insert(format!("attach {}: {e}", d.pod)) {
                             tracing::error!(pod = %d.pod, iface = d.iface, error = %e, "cannot attach policy");
                         }
+                        failures.insert(
+                            d.pod.clone(),
+                            (UnenforcedReason::AttachFailed, format!("{}: {e}", d.iface)),
+                        );
                         pending = true;
                         continue;
                     }
@@ -124,11 +138,18 @@ pub(super) async fn reconcile(
                 continue;
             }
             match policy.set_endpoint(&d.spec) {
-                Ok(()) => *programmed = Some(d.spec),
+                Ok(()) => {
+                    *programmed = Some(d.spec);
+                    failures.remove(&d.pod);
+                }
                 Err(e) => {
                     if reported.insert(format!("policy {}: {e}", d.pod)) {
                         tracing::error!(pod = %d.pod, error = %e, "cannot program policy");
                     }
+                    failures.insert(
+                        d.pod.clone(),
+                        (UnenforcedReason::MapWriteFailed, e.to_string()),
+                    );
                     pending = true;
                 }
             }
@@ -137,7 +158,13 @@ pub(super) async fn reconcile(
         // through `set_endpoint` above, since `programmed` stays behind).
         policy.retry_deletes();
         pending |= policy.pending();
-        status.lock().unwrap_or_else(|p| p.into_inner()).endpoints = policy.endpoints().count();
+        let unenforced = enforcement::collect(&state.read(), &failures);
+        reporter.update(&unenforced, &metrics);
+        {
+            let mut status = status.lock().unwrap_or_else(|p| p.into_inner());
+            status.endpoints = policy.endpoints().count();
+            status.unenforced = unenforced;
+        }
         // What the agent API reports ready to strait-cni: attached, with its maps written.
         *programmed.lock().unwrap_or_else(|p| p.into_inner()) = attached
             .iter()

@@ -105,6 +105,18 @@ fn proto_name(p: u8) -> String {
     }
 }
 
+/// Size of one raw flow event in the ring buffer.
+pub const EVENT_SIZE: usize = std::mem::size_of::<FlowEvent>();
+
+/// The event in one ring-buffer record; `None` when the record is too short (bytes past the
+/// event are ignored).
+pub fn parse_event(record: &[u8]) -> Option<FlowEvent> {
+    let bytes = record.get(..EVENT_SIZE)?;
+    // SAFETY: `bytes` holds EVENT_SIZE bytes, FlowEvent is plain integers (any bit pattern
+    // is valid), and read_unaligned copes with the ring's 8-byte alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
 /// Decodes one raw event. `boot_offset` converts the kernel's monotonic ns to wall time.
 pub fn decode(ev: &FlowEvent, boot_offset: Duration, lookup: &IdentityLookup) -> FlowRecord {
     let wall = SystemTime::UNIX_EPOCH + boot_offset + Duration::from_nanos(ev.ts_ns);
@@ -226,13 +238,9 @@ pub async fn read_events(
             })?;
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<FlowEvent>() {
-                continue;
+            if let Some(ev) = parse_event(&item) {
+                hub.publish(decode(&ev, offset, &lookup));
             }
-            // SAFETY: the ring holds FlowEvent records written by the datapath; length
-            // checked above; read_unaligned copes with the ring's 8-byte alignment anyway.
-            let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            hub.publish(decode(&ev, offset, &lookup));
         }
         guard.clear_ready();
     }

@@ -2,6 +2,7 @@
 
 pub mod counter;
 mod endpoints;
+pub mod enforcement;
 pub mod flows;
 pub mod guard;
 pub mod ipcache;
@@ -136,4 +137,7 @@ pub struct DatapathStatus {
     pub endpoints: usize,
     /// Frontends or prefixes that could not be programmed, with why.
     pub errors: Vec<String>,
+    /// Local endpoints a policy selects that the datapath does not enforce, with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unenforced: Vec<enforcement::UnenforcedEndpoint>,
 }

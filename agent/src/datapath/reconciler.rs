@@ -119,6 +119,7 @@ impl DatapathAgent {
             policy,
             status.clone(),
             programmed.clone(),
+            metrics.clone(),
         ))));
         tasks.push(AbortOnDrop(tokio::spawn(follow_guard(
             state.clone(),

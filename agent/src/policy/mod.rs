@@ -90,6 +90,13 @@ pub struct EndpointPolicy {
 }
 
 impl EndpointPolicy {
+    /// Whether a policy selecting the endpoint asks the datapath for anything: a direction
+    /// in default deny, or entries. An endpoint no policy selects is allowed everything,
+    /// enforced or not.
+    pub fn is_enforcing(&self) -> bool {
+        self.ingress_enforced || self.egress_enforced || !self.entries.is_empty()
+    }
+
     /// Entries of one direction.
     pub fn entries_for(&self, direction: Direction) -> impl Iterator<Item = &PolicyEntry> {
         self.entries

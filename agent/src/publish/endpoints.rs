@@ -31,7 +31,7 @@ use crate::{
     identity::LabelArray,
     k8s::{Objects, labels::pod_identity_labels},
     policy::{EndpointPolicy, translate},
-    state::{HostInterface, LocalEndpoint, StateHandle},
+    state::{HostInterface, LocalEndpoint, StateHandle, UnidentifiedEndpoint},
 };
 
 /// How often interfaces are looked for again (a pod's veth may appear after its object).
@@ -231,6 +231,9 @@ impl EndpointSource {
             .iter()
             .map(|p| (p.namespace.clone(), p.name.clone()))
             .collect();
+        self.state.update(|m| {
+            m.retain_unidentified(|ns, name| wanted.contains(&(ns.to_owned(), name.to_owned())))
+        });
         // Gone pods: withdraw, release, and out of the model (the datapath detaches).
         let gone: Vec<(String, String)> = tracked
             .keys()
@@ -258,6 +261,7 @@ impl EndpointSource {
                 Ok(id) => id,
                 Err(e) => {
                     tracing::warn!(pod = %format!("{}/{}", key.0, key.1), error = %e, "no identity yet; will retry");
+                    self.unidentified(objects, &pod, e.to_string());
                     continue;
                 }
             };
@@ -367,6 +371,21 @@ impl EndpointSource {
                 }
             });
         }
+    }
+
+    /// Records a pod whose identity could not be allocated, when a policy selects it (the
+    /// datapath lists it as not enforced); clears it otherwise.
+    fn unidentified(&self, objects: &Objects, pod: &LocalPod, error: String) {
+        // Whether a policy selects the pod does not depend on the other identities.
+        let selected = translate(&objects.policies, &pod.labels, &[], &self.cluster).is_enforcing();
+        let ep = selected.then(|| UnidentifiedEndpoint {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            ip: pod.ip,
+            error,
+        });
+        self.state
+            .update(|m| m.set_unidentified(&pod.namespace, &pod.name, ep));
     }
 
     /// `pod`'s policy; `universe` (the identities known mesh-wide) is read on first use.

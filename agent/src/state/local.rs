@@ -29,12 +29,25 @@ pub struct HostInterface {
     pub ifindex: u32,
 }
 
+/// A pod of this node that a policy selects but that has no identity: the datapath cannot
+/// enforce that policy (status lists it). Written by the endpoint source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnidentifiedEndpoint {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// Why the allocation failed.
+    pub error: String,
+}
+
 /// A prefix strict encryption routes: into the WireGuard device (`true`) or `unreachable`.
 pub type EncryptionRoute = (IpNet, bool);
 
 impl StateModel {
     pub fn upsert_local_endpoint(&mut self, ep: LocalEndpoint) {
         let key = (ep.namespace.clone(), ep.name.clone());
+        // It has an identity now.
+        self.unidentified.remove(&key);
         if self.local_endpoints.get(&key) != Some(&ep) {
             self.local_endpoints.insert(key, ep);
             self.dirty.local_endpoints = true;
@@ -60,6 +73,33 @@ impl StateModel {
 
     pub fn local_endpoints_synced(&self) -> bool {
         self.local_endpoints_synced
+    }
+
+    /// Records (`Some`) or clears (`None`) that pod `namespace/name` has no identity.
+    pub fn set_unidentified(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        endpoint: Option<UnidentifiedEndpoint>,
+    ) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let changed = match endpoint {
+            Some(ep) => self.unidentified.insert(key, ep.clone()).as_ref() != Some(&ep),
+            None => self.unidentified.remove(&key).is_some(),
+        };
+        // The datapath's endpoint reconciler reports them with the local endpoints.
+        self.dirty.local_endpoints |= changed;
+    }
+
+    /// Forgets the unidentified pods for which `keep(namespace, name)` is false.
+    pub fn retain_unidentified(&mut self, mut keep: impl FnMut(&str, &str) -> bool) {
+        let before = self.unidentified.len();
+        self.unidentified.retain(|(ns, name), _| keep(ns, name));
+        self.dirty.local_endpoints |= self.unidentified.len() != before;
+    }
+
+    pub fn unidentified_endpoints(&self) -> impl Iterator<Item = &UnidentifiedEndpoint> {
+        self.unidentified.values()
     }
 
     pub fn local_endpoints(&self) -> impl Iterator<Item = &LocalEndpoint> {
@@ -165,6 +205,49 @@ mod tests {
             state.versions(),
             removed,
             "deleting nothing must not notify"
+        );
+    }
+
+    #[test]
+    fn unidentified_pods_notify_on_change_and_leave_once_identified_or_gone() {
+        let state = StateHandle::new("usa", 1);
+        let unidentified = |name: &str, error: &str| UnidentifiedEndpoint {
+            namespace: "shop".into(),
+            name: name.into(),
+            ip: Ipv4Addr::new(10, 1, 1, 5),
+            error: error.into(),
+        };
+        let v0 = state.versions().local_endpoints;
+        let ep = unidentified("frontend", "etcd down");
+        state.update(|m| m.set_unidentified("shop", "frontend", Some(ep.clone())));
+        state.update(|m| m.set_unidentified("shop", "frontend", Some(ep.clone())));
+        assert_eq!(
+            state.versions().local_endpoints,
+            v0 + 1,
+            "unchanged: no notify"
+        );
+        let other = unidentified("cart", "etcd down");
+        state.update(|m| m.set_unidentified("shop", "cart", Some(other.clone())));
+        assert_eq!(
+            state.read().unidentified_endpoints().collect::<Vec<_>>(),
+            [&other, &ep]
+        );
+        // Identified: it is a local endpoint now.
+        state.update(|m| m.upsert_local_endpoint(frontend(None)));
+        assert_eq!(
+            state.read().unidentified_endpoints().collect::<Vec<_>>(),
+            [&other]
+        );
+        // Gone.
+        state.update(|m| m.retain_unidentified(|_, name| name != "cart"));
+        assert_eq!(state.read().unidentified_endpoints().count(), 0);
+        let v = state.versions().local_endpoints;
+        state.update(|m| m.retain_unidentified(|_, _| false));
+        state.update(|m| m.set_unidentified("shop", "cart", None));
+        assert_eq!(
+            state.versions().local_endpoints,
+            v,
+            "nothing removed: no notify"
         );
     }
 

@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 pub use ipcache::{IpcacheRefusal, OwnedEndpoint, Ownership, RefusalReason, owned_endpoints};
-pub use local::{EncryptionRoute, HostInterface, LocalEndpoint};
+pub use local::{EncryptionRoute, HostInterface, LocalEndpoint, UnidentifiedEndpoint};
 pub use overlap::Overlap;
 pub use services::{SelectedBackend, ServiceView};
 pub use types::*;
@@ -108,6 +108,8 @@ pub struct StateModel {
     local_endpoints: BTreeMap<(String, String), LocalEndpoint>,
     /// Every pod of the local source's first full listing is among `local_endpoints`.
     local_endpoints_synced: bool,
+    /// This node's pods selected by policy that have no identity (yet), by (namespace, name).
+    unidentified: BTreeMap<(String, String), UnidentifiedEndpoint>,
     encryption_routes: Option<Vec<EncryptionRoute>>,
     dirty: Dirty,
     /// Pod CIDRs changed: refusals are recomputed once per update batch, in `settle`.
@@ -128,6 +130,7 @@ impl StateModel {
             services: BTreeMap::new(),
             local_endpoints: BTreeMap::new(),
             local_endpoints_synced: false,
+            unidentified: BTreeMap::new(),
             encryption_routes: None,
             dirty: Dirty::default(),
             refusals_dirty: false,

@@ -399,8 +399,10 @@ async fn pod_changes_release_and_withdraw_what_they_no_longer_use() {
         allocator: allocator.clone(),
         publisher,
         state: StateHandle::new("cluster-usa", 1),
+        cni: Default::default(),
     };
-    let _source = strait::task::AbortOnDrop(tokio::spawn(source.run(rx)));
+    let (_listed_tx, listed) = tokio::sync::watch::channel(true);
+    let _source = strait::task::AbortOnDrop(tokio::spawn(source.run(rx, listed)));
     // Pod labels as the source derives them (namespace labels, service account, cluster).
     let web_ref = || async {
         let refs = client.list_prefix(REFERENCES).await.unwrap();

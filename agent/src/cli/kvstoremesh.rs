@@ -120,7 +120,7 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
     };
     let _identity_gc = match args.cluster_id {
         Some(id) if args.identity_gc_interval_seconds > 0 => {
-            Some(AbortOnDrop(tokio::spawn(crate::mesh::identity_gc::run(
+            Some(crate::task::AbortOnDrop(tokio::spawn(crate::mesh::identity_gc::run(
                 local.clone(),
                 args.cluster_name.clone(),
                 format!("{}-{}", crate::config::hostname(), std::process::id()),

@@ -151,9 +151,10 @@ fn all_written(
     objects: &Objects,
     node: &str,
     cluster: &str,
+    cni: &BTreeMap<String, CniAttachment>,
     tracked: &BTreeMap<(String, String), Tracked>,
 ) -> bool {
-    local_pods(objects, node, cluster).iter().all(|p| {
+    local_pods(objects, node, cluster, cni).iter().all(|p| {
         tracked
             .get(&(p.namespace.clone(), p.name.clone()))
             .is_some_and(|t| t.pod == *p && t.written.is_some())
@@ -203,7 +204,7 @@ impl EndpointSource {
                 .await;
             if !announced
                 && was_listed
-                && all_written(&current, &self.node, &self.cluster, &tracked)
+                && all_written(&current, &self.node, &self.cluster, &attached, &tracked)
             {
                 announced = true;
                 tracing::info!(pods = tracked.len(), "local endpoints synced");

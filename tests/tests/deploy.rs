@@ -693,8 +693,11 @@ fn kvstore_authorises_by_certificate_and_kvstoremesh_sets_up_its_users() {
     let kvstoremesh = container("kvstoremesh");
     let args = kvstoremesh.args.clone().unwrap();
     assert!(args.iter().any(|a| a == "--init-etcd-auth"), "{args:?}");
+    // The cluster name comes from the environment (the ConfigMap).
     let cli = strait::cli::Cli::try_parse_from(
-        std::iter::once("strait".to_owned()).chain(args.iter().cloned()),
+        std::iter::once("strait".to_owned())
+            .chain(args.iter().cloned())
+            .chain(["--cluster-name=cluster-usa".to_owned()]),
     )
     .unwrap_or_else(|e| panic!("kvstoremesh args do not parse: {e}"));
     match cli.command {

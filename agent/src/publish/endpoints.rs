@@ -308,10 +308,11 @@ impl EndpointSource {
         tracked: &BTreeMap<(String, String), Tracked>,
     ) {
         let pod = format!("{}/{}", new.namespace, new.name);
-        if old.pod.ip != new.ip && !tracked.values().any(|t| t.pod.ip == old.pod.ip) {
-            if let Err(e) = self.publisher.withdraw(old.pod.ip.into()).await {
-                tracing::warn!(%pod, ip = %old.pod.ip, error = %e, "withdrawing the previous endpoint entry");
-            }
+        if old.pod.ip != new.ip
+            && !tracked.values().any(|t| t.pod.ip == old.pod.ip)
+            && let Err(e) = self.publisher.withdraw(old.pod.ip.into()).await
+        {
+            tracing::warn!(%pod, ip = %old.pod.ip, error = %e, "withdrawing the previous endpoint entry");
         }
         if let Err(e) = self.allocator.release(&old.pod.labels).await {
             tracing::warn!(%pod, error = %e, "releasing the previous identity");

@@ -603,7 +603,7 @@ fn pods_policy_observe_and_restart_from_pins() {
         std::sync::Arc::new(|| panic!("status is not asked for in this test"));
     let server = rt.spawn({
         let (socket, hub) = (socket.clone(), hub.clone());
-        async move { strait::api::serve(&socket, status, Some(hub)).await }
+        async move { strait::api::serve(&socket, status, Some(hub), None).await }
     });
 
     let mut long_lived = connect(front).expect("the allowed client connects");

@@ -214,7 +214,8 @@ mod tests {
         assert_eq!(
             plan.exempt,
             nets(&[
-                "10.1.1.0/23",
+                "10.1.1.0/24",
+                "10.1.2.0/24",
                 "10.2.7.0/24",
                 "192.168.0.0/16",
                 "224.0.0.0/4"
@@ -226,7 +227,9 @@ mod tests {
             "{rules}"
         );
         assert!(
-            rules.contains("elements = { 10.1.1.0/23, 10.2.7.0/24, 192.168.0.0/16, 224.0.0.0/4 }"),
+            rules.contains(
+                "elements = { 10.1.1.0/24, 10.1.2.0/24, 10.2.7.0/24, 192.168.0.0/16, 224.0.0.0/4 }"
+            ),
             "{rules}"
         );
         // Replaced whole: created if missing, deleted, defined.

@@ -352,13 +352,13 @@ fn peers_follow_the_model_incrementally() {
     thief.cluster_id = 2;
     thief.name = "thief".into();
     thief.node_ip = Some("198.18.7.2".parse().unwrap());
-    thief.addresses = vec!["198.18.7.2".parse().unwrap()];
+    thief.underlay_ips = vec!["198.18.7.2".parse().unwrap()];
     thief.pod_cidrs = vec!["10.7.0.0/24".parse().unwrap()];
     let mut keyless = thief.clone();
     keyless.name = "keyless".into();
     keyless.wireguard_pubkey = None;
     keyless.node_ip = Some("198.18.8.2".parse().unwrap());
-    keyless.addresses = vec!["198.18.8.2".parse().unwrap()];
+    keyless.underlay_ips = vec!["198.18.8.2".parse().unwrap()];
     keyless.pod_cidrs = vec!["10.8.0.0/24".parse().unwrap()];
     a.learn(&rt, &[thief, keyless]);
     let status = a.agent.status().unwrap();

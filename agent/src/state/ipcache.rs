@@ -2,8 +2,9 @@
 //! program. A remote cluster's kvstore is not trusted to name identities for addresses it does
 //! not own, so (Cilium does not filter by pod CIDR; strait does):
 //! - the local cluster's entries always stand, and no remote entry displaces them;
-//! - a remote entry is accepted inside the pod CIDRs of that remote's own nodes, and for its
-//!   nodes' own addresses, which are `remote-node` (Cilium rewrites `host` → `remote-node`);
+//! - a remote entry is accepted inside the pod CIDRs of that remote's own nodes, for its
+//!   nodes' pod-side addresses (router, health, ingress IPs), and for its nodes' underlay
+//!   addresses, which are `remote-node` (Cilium rewrites `host` → `remote-node`);
 //! - a prefix that two remotes both claim is refused for both: neither can be believed.
 //!
 //! Everything else is refused with a reason, for logs, metrics and status.
@@ -106,11 +107,13 @@ impl PrefixSet {
     }
 }
 
-/// What each cluster's nodes own: their pod CIDRs and their addresses.
+/// What each cluster's nodes own: their pod CIDRs, their underlay addresses and their
+/// pod-side addresses (router, health, ingress IPs; inside the pod CIDRs in Cilium's IPAM).
 #[derive(Default)]
 struct NodeSpace {
     pod_cidrs: PrefixSet,
     addresses: HashSet<IpAddr>,
+    pod_side: HashSet<IpAddr>,
 }
 
 /// Splits the model's ipcache entries (of clusters not refused) into those the datapath may
@@ -122,7 +125,8 @@ pub fn owned_endpoints(model: &StateModel) -> Ownership<'_> {
         let s = space.entry(node.cluster.as_ref()).or_default();
         node.pod_cidrs.iter().for_each(|c| s.pod_cidrs.insert(*c));
         s.addresses
-            .extend(node.addresses.iter().chain(&node.node_ip));
+            .extend(node.underlay_ips.iter().chain(&node.node_ip));
+        s.pod_side.extend(node.pod_side_ips.iter().copied());
     }
     let none = NodeSpace::default();
     let local_space = space.get(local.as_ref()).unwrap_or(&none);
@@ -153,13 +157,19 @@ pub fn owned_endpoints(model: &StateModel) -> Ownership<'_> {
         };
         let local_claim = local_prefixes.contains(&prefix)
             || local_space.pod_cidrs.covers(&prefix)
-            || single.is_some_and(|a| local_space.addresses.contains(&a));
+            || single.is_some_and(|a| {
+                local_space.addresses.contains(&a) || local_space.pod_side.contains(&a)
+            });
         let identity = if local_claim {
             out.refusals.push(refuse(RefusalReason::Local));
             continue;
         } else if single.is_some_and(|a| own.addresses.contains(&a)) {
             IDENTITY_REMOTE_NODE
-        } else if own.pod_cidrs.covers(&prefix) {
+        } else if own.pod_cidrs.covers(&prefix)
+            || single.is_some_and(|a| own.pod_side.contains(&a))
+        {
+            // Pod side keeps its identity (a router IP's `host` becomes `remote-node`, a
+            // health IP stays `health`).
             remote_view_of_identity(ep.identity)
         } else {
             out.refusals.push(refuse(RefusalReason::OutsidePodCidrs));
@@ -204,7 +214,8 @@ mod tests {
             cluster_id: id,
             name: name.into(),
             node_ip: Some(ip.parse().unwrap()),
-            addresses: vec![ip.parse().unwrap()],
+            underlay_ips: vec![ip.parse().unwrap()],
+            pod_side_ips: vec![],
             pod_cidrs: vec![cidr.parse().unwrap()],
             wireguard_pubkey: None,
             encryption_key: 255,
@@ -282,6 +293,33 @@ mod tests {
             ]
         );
         assert!(o.refusals.is_empty());
+    }
+
+    /// Cilium publishes its router IP as `host` and its health IP as `health`; with a router
+    /// IP outside the pod CIDR (`local-router-ipv4`) the entry is still the node's own.
+    #[test]
+    fn pod_side_addresses_keep_their_identity_and_are_owned_outside_the_pod_cidr() {
+        let mut m = mesh(&[
+            ep("europe", "169.254.20.2/32", crate::identity::IDENTITY_HOST),
+            ep("europe", "10.2.0.77/32", crate::identity::IDENTITY_HEALTH),
+            ep("asia", "169.254.20.2/32", crate::identity::IDENTITY_HOST),
+        ]);
+        let mut eu = m.node("europe", "eu-1").unwrap().clone();
+        eu.pod_side_ips = vec!["169.254.20.2".parse().unwrap(), "10.2.0.77".parse().unwrap()];
+        m.upsert_node(eu);
+        m.settle();
+        let o = owned_endpoints(&m);
+        assert_eq!(
+            accepted(&o),
+            vec![
+                ("europe".into(), "10.2.0.77/32".into(), crate::identity::IDENTITY_HEALTH),
+                ("europe".into(), "169.254.20.2/32".into(), IDENTITY_REMOTE_NODE),
+            ]
+        );
+        assert_eq!(
+            refused(&o),
+            vec![("asia".into(), "169.254.20.2/32".into(), "outside-pod-cidrs")]
+        );
     }
 
     #[test]

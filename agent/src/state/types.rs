@@ -17,8 +17,12 @@ pub struct Node {
     pub name: String,
     /// The address peers reach this node at (InternalIP, else ExternalIP, else any).
     pub node_ip: Option<IpAddr>,
-    /// Every address of the node (InternalIP, ExternalIP, CiliumInternalIP).
-    pub addresses: Vec<IpAddr>,
+    /// Underlay addresses (InternalIP, ExternalIP, any other type but CiliumInternalIP):
+    /// never routed into the tunnel.
+    pub underlay_ips: Vec<IpAddr>,
+    /// Pod-side addresses: router (CiliumInternalIP), health and ingress IPs. Cilium takes them
+    /// from the node's pod CIDR; they are reached through the tunnel like pods, never underlay.
+    pub pod_side_ips: Vec<IpAddr>,
     /// Pod CIDRs (primary and secondary, IPv4 and IPv6).
     pub pod_cidrs: Vec<IpNet>,
     /// Base64 WireGuard public key, if the node has one.

@@ -156,6 +156,34 @@ impl KvNode {
         self.node_ip(false).or_else(|| self.node_ip(true))
     }
 
+    /// Underlay addresses: every address except CiliumInternalIP (InternalIP, ExternalIP and
+    /// any other type), in published order. What Cilium's `ExtractNodeIP` chooses from.
+    pub fn underlay_ips(&self) -> Vec<IpAddr> {
+        self.ip_addresses
+            .iter()
+            .filter(|a| a.addr_type != ADDR_CILIUM_INTERNAL_IP)
+            .filter_map(|a| a.ip)
+            .collect()
+    }
+
+    /// Pod-side addresses: the router IPs (CiliumInternalIP on `cilium_host`), health and
+    /// ingress IPs. Cilium allocates them from the node's pod CIDR: they are not underlay.
+    pub fn pod_side_ips(&self) -> Vec<IpAddr> {
+        self.ip_addresses
+            .iter()
+            .filter(|a| a.addr_type == ADDR_CILIUM_INTERNAL_IP)
+            .filter_map(|a| a.ip)
+            .chain([
+                self.ipv4_health_ip,
+                self.ipv6_health_ip,
+                self.ipv4_ingress_ip,
+                self.ipv6_ingress_ip,
+            ]
+            .into_iter()
+            .flatten())
+            .collect()
+    }
+
     /// The CiliumInternalIP (router IP) of one family.
     pub fn cilium_internal_ip(&self, ipv6: bool) -> Option<IpAddr> {
         self.ip_addresses
@@ -233,6 +261,34 @@ pub(crate) mod tests {
             .replace("KEY", WG_KEY)
     }
 
+    /// A dual-stack node exactly as Cilium 1.19 writes it (clustermesh-apiserver from the
+    /// CiliumNode, WireGuard on): InternalIP and ExternalIP of both families, the router IPs
+    /// (CiliumInternalIP) and health IPs inside the pod CIDRs, the key as field and annotation.
+    pub fn cilium_dual_stack_json() -> String {
+        r#"{"Name":"kind-worker","Cluster":"cilium-east","IPAddresses":[{"Type":"InternalIP","IP":"198.18.2.2"},{"Type":"ExternalIP","IP":"203.0.113.7"},{"Type":"InternalIP","IP":"fd00:198:18:2::2"},{"Type":"CiliumInternalIP","IP":"10.2.0.1"},{"Type":"CiliumInternalIP","IP":"fd00:10:2::1"}],"IPv4AllocCIDR":{"IP":"10.2.0.0","Mask":"////AA=="},"IPv4SecondaryAllocCIDRs":null,"IPv6AllocCIDR":{"IP":"fd00:10:2::","Mask":"//////////8AAAAAAAAAAA=="},"IPv6SecondaryAllocCIDRs":null,"IPv4HealthIP":"10.2.0.77","IPv6HealthIP":"fd00:10:2::4d","IPv4IngressIP":"","IPv6IngressIP":"","ClusterID":4,"Source":"custom-resource","EncryptionKey":255,"Labels":{"beta.kubernetes.io/arch":"amd64","beta.kubernetes.io/os":"linux","kubernetes.io/arch":"amd64","kubernetes.io/hostname":"kind-worker","kubernetes.io/os":"linux"},"Annotations":{"network.cilium.io/wg-pub-key":"KEY"},"WireguardPubKey":"KEY","BootID":"3d6e1b8f-4c1a-4f55-9a3e-2b7f0c9d8e11"}"#
+            .replace("KEY", WG_KEY)
+    }
+
+    #[test]
+    fn cilium_dual_stack_addressing() {
+        let json = cilium_dual_stack_json();
+        let n = KvNode::decode(json.as_bytes()).unwrap();
+        assert_eq!(n.encode().unwrap(), json.as_bytes(), "round trip");
+        let ips = |v: &[&str]| v.iter().map(|s| s.parse::<IpAddr>().unwrap()).collect::<Vec<_>>();
+        assert_eq!(n.internal_ip(), Some("198.18.2.2".parse().unwrap()));
+        assert_eq!(n.node_ip(true), Some("fd00:198:18:2::2".parse().unwrap()));
+        assert_eq!(
+            n.underlay_ips(),
+            ips(&["198.18.2.2", "203.0.113.7", "fd00:198:18:2::2"])
+        );
+        assert_eq!(
+            n.pod_side_ips(),
+            ips(&["10.2.0.1", "fd00:10:2::1", "10.2.0.77", "fd00:10:2::4d"])
+        );
+        assert_eq!(n.pod_cidrs().len(), 2);
+        assert_eq!(n.wireguard_pub_key(), Some(WG_KEY));
+    }
+
     pub fn golden_node() -> KvNode {
         let mut n = KvNode::new("c1", "node-a");
         n.ip_addresses = vec![
@@ -276,6 +332,11 @@ pub(crate) mod tests {
             Some("10.1.0.12".parse().unwrap())
         );
         assert_eq!(n.pod_cidrs(), vec!["10.1.0.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(n.underlay_ips(), vec!["172.18.0.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            n.pod_side_ips(),
+            ["10.1.0.12", "10.1.0.55"].map(|s| s.parse::<IpAddr>().unwrap())
+        );
         assert_eq!(n.wireguard_pub_key(), Some(WG_KEY));
         assert_eq!(
             n.wireguard_pub_key_bytes().unwrap().map(|k| k.len()),

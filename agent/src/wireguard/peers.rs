@@ -12,7 +12,7 @@ use wireguard_control::Key;
 
 use crate::{
     routing::{RouteInputs, plan::overlaps},
-    state::StateModel,
+    state::{Node, StateModel, owned_endpoints},
 };
 
 /// A node, as `cluster/name`.
@@ -34,7 +34,8 @@ pub struct DesiredPeer {
     pub public_key: Key,
     pub endpoint: SocketAddr,
     pub allowed_ips: BTreeSet<IpNet>,
-    /// The node's pod CIDRs among `allowed_ips`: these get routes.
+    /// The node's pod CIDRs among `allowed_ips`, plus host prefixes for its pod-side
+    /// addresses outside them (a router IP set by hand): these get routes.
     pub pod_cidrs: Vec<IpNet>,
 }
 
@@ -46,8 +47,10 @@ pub struct PeerPlan {
     /// Remote nodes without a usable peer, with their pod CIDRs (strict mode drops these).
     pub missing: Vec<(NodeRef, Vec<IpNet>)>,
     pub local_pod_cidrs: Vec<IpNet>,
+    /// The local node's underlay addresses.
     pub local_node_ips: Vec<IpAddr>,
-    /// Every address of every remote node: never routed into the device.
+    /// Every underlay address of every remote node: never routed into the device. Pod-side
+    /// addresses (router, health IPs) are not among them: they live in the pod CIDRs.
     pub remote_node_ips: Vec<IpAddr>,
 }
 
@@ -125,7 +128,7 @@ impl PeerPlanner {
         let mut plan = PeerPlan::default();
         if let Some(local) = model.node(&self.opts.local_cluster, &self.opts.local_node) {
             plan.local_pod_cidrs = dedup(local.pod_cidrs.iter().map(IpNet::trunc));
-            plan.local_node_ips = addresses(local.node_ip, &local.addresses);
+            plan.local_node_ips = addresses(local.node_ip, &local.underlay_ips);
         }
 
         // 1. Every remote node of a routable cluster, with a usable key and endpoint.
@@ -139,8 +142,8 @@ impl PeerPlanner {
                 cluster: node.cluster.to_string(),
                 name: node.name.clone(),
             };
-            let pod_cidrs = dedup(node.pod_cidrs.iter().map(IpNet::trunc));
-            let node_ips = addresses(node.node_ip, &node.addresses);
+            let pod_cidrs = routed_prefixes(node);
+            let node_ips = addresses(node.node_ip, &node.underlay_ips);
             plan.remote_node_ips.extend(node_ips.iter().copied());
             let key = match node.wireguard_pubkey.as_deref().map(str::trim) {
                 None | Some("") => {
@@ -263,10 +266,17 @@ impl PeerPlanner {
                 .enumerate()
                 .flat_map(|(p, &i)| candidates[i].addresses.iter().map(move |ip| (*ip, p)))
                 .collect();
-            for ep in model.ipcache() {
+            // Only entries the datapath may program (a remote's own node space), and only
+            // towards a node of the entry's own cluster: a remote cannot pull another
+            // cluster's addresses into its peer by naming that cluster's node as host.
+            for owned in owned_endpoints(model).entries {
+                let ep = owned.endpoint;
                 let Some(p) = ep.host_ip.and_then(|h| by_host.get(&h).copied()) else {
                     continue;
                 };
+                if peers[p].node.cluster != ep.cluster.as_ref() {
+                    continue;
+                }
                 let prefix = ep.prefix.trunc();
                 // Already covered by this peer's own pod CIDR: WireGuard would only store a
                 // redundant entry.
@@ -362,6 +372,18 @@ impl Problem {
             tracing::warn!("{}", self.message);
         }
     }
+}
+
+/// A node's pod CIDRs, then host prefixes for its pod-side addresses outside every one of
+/// them: all reached through the tunnel.
+fn routed_prefixes(node: &Node) -> Vec<IpNet> {
+    let cidrs: Vec<IpNet> = node.pod_cidrs.iter().map(IpNet::trunc).collect();
+    let outside = node
+        .pod_side_ips
+        .iter()
+        .filter(|ip| !cidrs.iter().any(|c| c.contains(*ip)))
+        .map(|ip| IpNet::from(*ip));
+    dedup(cidrs.iter().copied().chain(outside))
 }
 
 fn dedup(it: impl Iterator<Item = IpNet>) -> Vec<IpNet> {
@@ -476,7 +498,8 @@ mod tests {
             cluster_id: id,
             name: name.into(),
             node_ip: Some(ip.parse().unwrap()),
-            addresses: vec![ip.parse().unwrap()],
+            underlay_ips: vec![ip.parse().unwrap()],
+            pod_side_ips: vec![],
             pod_cidrs: vec![cidr.parse().unwrap()],
             wireguard_pubkey: pubkey,
             encryption_key: 255,
@@ -701,6 +724,114 @@ mod tests {
         assert!(!plan.peers.values().any(|p| p.node.cluster == "c9"));
         let evil = plan.peers.values().find(|p| p.node.name == "evil").unwrap();
         assert!(evil.allowed_ips.is_empty());
+    }
+
+    /// The Cilium node (`wire::node` fixture) in cluster `cilium-east`, as the mesh sync puts
+    /// it in the model, next to the local node c1/n1.
+    fn cilium_model() -> (StateModel, Key) {
+        let json = crate::wire::node::tests::cilium_dual_stack_json();
+        let kv = crate::wire::KvNode::decode(json.as_bytes()).unwrap();
+        let (mut m, k1, _, _) = model();
+        // c1/n2 holds the same addresses as the fixture.
+        m.delete_node("c1", "n2");
+        m.register_cluster("cilium-east", 4).unwrap();
+        let east = m.cluster_name("cilium-east");
+        m.upsert_node(crate::mesh::convert::node(&kv, east));
+        m.settle();
+        (m, k1)
+    }
+
+    fn nets(v: &[&str]) -> Vec<IpNet> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn cilium_nodes_get_a_peer_with_both_pod_cidrs_routed_and_allowed() {
+        let (m, k1) = cilium_model();
+        let plan = planner(&k1).plan(&m);
+        let wg_key = Key::from_base64(crate::wire::node::tests::WG_KEY).unwrap();
+        let peer = &plan.peers[&wg_key.0];
+        assert_eq!(peer.node.to_string(), "cilium-east/kind-worker");
+        assert_eq!(peer.endpoint, "198.18.2.2:51871".parse().unwrap());
+        assert_eq!(
+            peer.allowed_ips.iter().copied().collect::<Vec<_>>(),
+            nets(&["10.2.0.0/24", "fd00:10:2::/64"])
+        );
+        let inputs = plan.route_inputs();
+        // Underlay: InternalIP and ExternalIP of both families, never the router/health IPs.
+        for ip in ["198.18.2.2", "203.0.113.7", "fd00:198:18:2::2"] {
+            assert!(inputs.underlay.contains(&ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["10.2.0.1", "fd00:10:2::1", "10.2.0.77", "fd00:10:2::4d"] {
+            assert!(!inputs.underlay.contains(&ip.parse().unwrap()), "{ip}");
+        }
+        let routes = crate::routing::plan_routes(
+            &crate::routing::RoutingConfig::default(),
+            &inputs,
+            None,
+            None,
+        );
+        assert!(routes.skipped.is_empty(), "{:?}", routes.skipped);
+        for cidr in nets(&["10.2.0.0/24", "fd00:10:2::/64"]) {
+            assert_eq!(
+                routes.routes[&cidr].target,
+                crate::routing::RouteTarget::Device { src: None },
+                "{cidr}"
+            );
+            assert_eq!(routes.routes[&cidr].owner, "cilium-east/kind-worker");
+        }
+    }
+
+    #[test]
+    fn a_router_ip_outside_the_pod_cidr_is_routed_as_a_host_prefix() {
+        let (mut m, k1) = cilium_model();
+        let mut node = m.node("cilium-east", "kind-worker").unwrap().clone();
+        // `local-router-ipv4` set outside the pod CIDR.
+        node.pod_side_ips[0] = "169.254.20.2".parse().unwrap();
+        m.upsert_node(node);
+        let plan = planner(&k1).plan(&m);
+        let peer = plan.peers.values().find(|p| p.node.name == "kind-worker");
+        let peer = peer.unwrap();
+        assert!(peer.allowed_ips.contains(&"169.254.20.2/32".parse().unwrap()));
+        let routes = crate::routing::plan_routes(
+            &crate::routing::RoutingConfig::default(),
+            &plan.route_inputs(),
+            None,
+            None,
+        );
+        assert!(routes.routes.contains_key(&"169.254.20.2/32".parse().unwrap()));
+    }
+
+    #[test]
+    fn tracked_endpoint_ips_come_from_the_owned_view_and_the_hosts_own_cluster() {
+        let (mut m, k1) = cilium_model();
+        let ep = |prefix: &str, cluster: &str, host: &str| Endpoint {
+            prefix: prefix.parse().unwrap(),
+            cluster: cluster.into(),
+            identity: 70000,
+            host_ip: Some(host.parse().unwrap()),
+            encryption_key: 255,
+        };
+        // c2/n3 owns 10.3.0.0/24; cilium-east's node is 198.18.2.2.
+        m.upsert_endpoint(ep("10.3.0.9/32", "c2", "198.18.2.2")); // c2's pod, east's host
+        m.upsert_endpoint(ep("10.99.0.1/32", "cilium-east", "198.18.2.2")); // outside east's space
+        m.upsert_endpoint(ep("10.2.0.9/32", "cilium-east", "198.18.2.2")); // covered by the CIDR
+        m.settle();
+        let mut p = PeerPlanner::new(PlannerOptions {
+            track_endpoint_ips: true,
+            ..planner(&k1).opts
+        });
+        let plan = p.plan(&m);
+        let east = plan
+            .peers
+            .values()
+            .find(|p| p.node.name == "kind-worker")
+            .unwrap();
+        assert_eq!(
+            east.allowed_ips.iter().copied().collect::<Vec<_>>(),
+            nets(&["10.2.0.0/24", "fd00:10:2::/64"]),
+            "neither another cluster's pod nor a refused entry joins the peer"
+        );
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub use netns::TargetNetns;
 pub use plan::{DesiredRoute, RouteInputs, RoutePlan, RouteTarget, plan_routes};
 
 use crate::{
-    constants::{RTPROT_STRAIT, WIREGUARD_MTU_OVERHEAD},
+    constants::{ROUTE_PRIORITY_V4, ROUTE_PRIORITY_V6, RTPROT_STRAIT, WIREGUARD_MTU_OVERHEAD},
     hostnet::{route_destination, route_ip, route_table},
     netns::NetnsError,
 };
@@ -266,11 +266,13 @@ impl RouteReconciler {
         let installed = self.owned_routes().await?;
         let mut first_error = None;
         for (prefix, want) in &plan.routes {
-            // strait installs priority 0 only; a replace targets exactly that route.
-            let op = match installed
-                .get(prefix)
-                .map(|have| (have.len(), have.iter().find(|r| r.priority == 0)))
-            {
+            // strait installs one priority per family; a replace targets exactly that route.
+            let op = match installed.get(prefix).map(|have| {
+                (
+                    have.len(),
+                    have.iter().find(|r| r.priority == route_priority(prefix)),
+                )
+            }) {
                 Some((1, Some(r))) if same_route(r, want, dev.index) => continue,
                 Some((_, Some(_))) => "replace",
                 _ => "add",
@@ -303,16 +305,17 @@ impl RouteReconciler {
         }
         for (prefix, have) in installed {
             // Every prefix no longer wanted, and for wanted ones any strait route with another
-            // priority (someone edited it by hand): the priority-0 route was handled above.
+            // priority (someone edited it by hand): strait's own priority was handled above.
             let keep = plan.routes.contains_key(&prefix);
             for route in have {
-                if keep && route.priority == 0 {
+                let ours = route.priority == route_priority(&prefix);
+                if keep && ours {
                     continue;
                 }
                 if !keep && !self.synced && !self.planned.contains(&prefix) {
                     // Maybe just not synced yet: removed after the first full sync. The guard
                     // mirrors what is routed, so it keeps this route too.
-                    if route.priority == 0 {
+                    if ours {
                         report.guard.push((
                             prefix,
                             route.kind != RouteType::Unreachable && route.oif == Some(dev.index),
@@ -499,6 +502,7 @@ impl RouteReconciler {
             .destination_prefix(prefix.addr(), prefix.prefix_len())
             .map_err(|e| err(e.to_string()))?
             .table_id(self.cfg.table)
+            .priority(route_priority(&prefix))
             .protocol(RouteProtocol::Other(RTPROT_STRAIT));
         match want.target {
             RouteTarget::Device { src } => {
@@ -671,6 +675,14 @@ impl RouteReconciler {
         if self.logged.insert(key.to_owned()) {
             log();
         }
+    }
+}
+
+/// The priority strait installs (and reads back) for a prefix's family.
+fn route_priority(prefix: &IpNet) -> u32 {
+    match prefix {
+        IpNet::V4(_) => ROUTE_PRIORITY_V4,
+        IpNet::V6(_) => ROUTE_PRIORITY_V6,
     }
 }
 

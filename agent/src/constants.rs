@@ -67,6 +67,17 @@ pub const STRICT_FALLBACK_METRIC: u32 = 0xa1a1;
 /// restarted (and its peers and routes restored) without waiting for the next resync.
 pub const WIREGUARD_LIVENESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Priority (metric) of strait's routes per family: IPv4 keeps 0; IPv6 the kernel turns 0
+/// into 1024 (`IP6_RT_PRIO_USER`), so strait asks for 1024 and expects it back (reading the
+/// route back as "priority 0 missing" made every second pass re-add and then delete it).
+pub const ROUTE_PRIORITY_V4: u32 = 0;
+pub const ROUTE_PRIORITY_V6: u32 = 1024;
+
+/// How often the elected cluster publisher re-writes this cluster's config (Cilium's
+/// `EnforceClusterConfig`: every 5 minutes).
+pub const CLUSTER_CONFIG_ENFORCE_INTERVAL: std::time::Duration =
+    std::time::Duration::from_secs(5 * 60);
+
 /// Cilium's kvstore lease TTL (15 min); shorter in tests.
 pub const NODE_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 

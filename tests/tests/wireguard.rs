@@ -1072,3 +1072,158 @@ fn strict_fallbacks_are_installed_without_the_device_and_go_with_their_node() {
     rt.block_on(r.reconcile(&gone)).unwrap();
     assert_eq!(routes(), ["unreachable 10.3.0.0/24"]);
 }
+
+/// A dual-stack node exactly as Cilium writes it (router and health IPs inside its pod CIDRs,
+/// InternalIP/ExternalIP of both families, the key as field and annotation), for node 2 of
+/// the topology (underlay 198.18.2.2, pods 10.2.0.0/24 behind the router IP 10.2.0.1).
+fn cilium_node_json(pubkey: &str) -> String {
+    r#"{"Name":"kind-worker","Cluster":"cilium-east","IPAddresses":[{"Type":"InternalIP","IP":"198.18.2.2"},{"Type":"ExternalIP","IP":"203.0.113.7"},{"Type":"InternalIP","IP":"fd00:198:18:2::2"},{"Type":"CiliumInternalIP","IP":"10.2.0.1"},{"Type":"CiliumInternalIP","IP":"fd00:10:2::1"}],"IPv4AllocCIDR":{"IP":"10.2.0.0","Mask":"////AA=="},"IPv4SecondaryAllocCIDRs":null,"IPv6AllocCIDR":{"IP":"fd00:10:2::","Mask":"//////////8AAAAAAAAAAA=="},"IPv6SecondaryAllocCIDRs":null,"IPv4HealthIP":"10.2.0.77","IPv6HealthIP":"fd00:10:2::4d","IPv4IngressIP":"","IPv6IngressIP":"","ClusterID":4,"Source":"custom-resource","EncryptionKey":255,"Labels":{"kubernetes.io/hostname":"kind-worker","kubernetes.io/os":"linux"},"Annotations":{"network.cilium.io/wg-pub-key":"KEY"},"WireguardPubKey":"KEY","BootID":"3d6e1b8f-4c1a-4f55-9a3e-2b7f0c9d8e11"}"#
+        .replace("KEY", pubkey)
+}
+
+/// strait meshes with a Cilium node: its pod CIDRs (whose router IP Cilium publishes as
+/// CiliumInternalIP) are routed into WireGuard and are its peer's AllowedIPs, for both
+/// families, and pod traffic to it flows through the tunnel.
+#[test]
+fn cilium_shaped_node_gets_routes_and_allowed_ips_and_carries_pod_traffic() {
+    use strait::wire::KvNode;
+    require_privileges();
+    let topo = Topology::new(2, None);
+    let (n1, n2) = (&topo.nodes[0], &topo.nodes[1]);
+    let rt = runtime();
+    let a = NodeAgent::start(&rt, n1, "c1", 1, "strait-node", |_| {});
+    // The topology turns IPv6 off; the device needs it for the IPv6 pod CIDR's route.
+    n1.ns
+        .sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", a.device), "0");
+
+    // The "Cilium node": wireguard-go configured by hand on node 2.
+    let hand = HandWireguard::start(&n2.ns, WIREGUARD_PORT);
+    hand.wg(&[
+        "set",
+        &hand.device,
+        "peer",
+        &a.agent.public_key(),
+        "endpoint",
+        &format!("{}:{WIREGUARD_PORT}", n1.underlay_ip),
+        "allowed-ips",
+        &n1.pod_cidr.to_string(),
+    ]);
+    ip_in(&n2.ns, &["link", "set", &hand.device, "mtu", "1420", "up"]);
+    ip_in(
+        &n2.ns,
+        &[
+            "route",
+            "add",
+            &n1.pod_cidr.to_string(),
+            "dev",
+            &hand.device,
+        ],
+    );
+
+    let kv = KvNode::decode(cilium_node_json(&hand.public_key).as_bytes()).unwrap();
+    let record = strait::mesh::convert::node(&kv, "cilium-east".into());
+    a.learn(&rt, &[record]);
+
+    let v4 = strait_routes(&n1.ns);
+    assert!(
+        v4.iter()
+            .any(|r| r.starts_with(&format!("10.2.0.0/24 dev {}", a.device))),
+        "{v4:?}"
+    );
+    let v6 = ip_in(&n1.ns, &["-6", "route", "show", "proto", "161"]);
+    assert!(
+        v6.contains(&format!("fd00:10:2::/64 dev {}", a.device)),
+        "{v6}"
+    );
+    let status = a.agent.status().unwrap();
+    let peer = &status.peers[0];
+    assert_eq!(peer.node.as_deref(), Some("kind-worker"));
+    assert_eq!(peer.endpoint, Some(sa(n2.underlay_ip, WIREGUARD_PORT)));
+    assert_eq!(peer.allowed_ips, 2, "{peer:?}");
+
+    let echo = TcpEcho::start(&n2.pod, sa(n2.pod_ip, 7310));
+    let capture = Capture::start(&n1.ns, &n1.underlay_if);
+    let mut s = tcp_connect(&n1.pod, echo.addr, CONNECT).expect("strait pod -> Cilium pod");
+    echo_roundtrip(&mut s, b"to a cilium node").unwrap();
+    drop(s);
+    assert_only_wireguard(
+        &capture.finish(),
+        &[n1.underlay_ip, n2.underlay_ip],
+        WIREGUARD_PORT,
+    );
+}
+
+/// IPv6 routes come back from the kernel with metric 1024 even when added with 0: the next
+/// pass must recognise them as its own, not re-add them ("a route strait does not own already
+/// exists") and delete them.
+#[test]
+fn ipv6_routes_are_stable_across_passes() {
+    use strait::routing::{RouteInputs, RouteReconciler, RoutingConfig};
+    require_privileges();
+    let ns = Netns::new();
+    let dev = unique_name("dm");
+    let peer = unique_name("dp");
+    ip_in(
+        &ns,
+        &["link", "add", &dev, "type", "veth", "peer", "name", &peer],
+    );
+    ip_in(&ns, &["link", "set", &peer, "up"]);
+    ip_in(&ns, &["addr", "add", "198.18.9.2/24", "dev", &dev]);
+    let rt = runtime();
+    let cfg = RoutingConfig {
+        underlay_mtu: Some(1500),
+        strict_cidrs: vec!["fd00:10::/32".parse().unwrap()],
+        ..RoutingConfig::default()
+    };
+    let netns = TargetNetns::from_path(&netns_path(&ns)).unwrap();
+    let mut routes = rt
+        .block_on(async { RouteReconciler::new(cfg, &dev, netns) })
+        .unwrap();
+    let inputs = RouteInputs {
+        encrypted: vec![
+            (
+                "10.2.0.0/24".parse().unwrap(),
+                "cilium-east/kind-worker".into(),
+            ),
+            (
+                "fd00:10:2::/64".parse().unwrap(),
+                "cilium-east/kind-worker".into(),
+            ),
+        ],
+        local_pod_cidrs: vec!["10.1.0.0/24".parse().unwrap()],
+        ..RouteInputs::default()
+    };
+    let first = rt.block_on(routes.reconcile(&inputs)).unwrap();
+    // Two routes into the device, their strict-mode fallbacks, and the strict supernet.
+    assert_eq!((first.added, first.skipped.len()), (5, 0), "{first:?}");
+    let show = || ip_in(&ns, &["-6", "route", "show", "proto", "161"]);
+    let installed = show();
+    assert!(installed.contains("fd00:10:2::/64 dev"), "{installed}");
+    assert!(
+        installed.contains("unreachable fd00:10::/32"),
+        "{installed}"
+    );
+    for pass in 2..=3 {
+        let r = rt.block_on(routes.reconcile(&inputs)).unwrap();
+        assert_eq!(
+            (r.added, r.replaced, r.removed),
+            (0, 0, 0),
+            "pass {pass}: {r:?}"
+        );
+        assert!(r.skipped.is_empty(), "pass {pass}: {:?}", r.skipped);
+        assert_eq!(show(), installed, "pass {pass}");
+    }
+    // No longer wanted: removed.
+    let r = rt
+        .block_on(routes.reconcile(&RouteInputs {
+            local_pod_cidrs: inputs.local_pod_cidrs.clone(),
+            ..RouteInputs::default()
+        }))
+        .unwrap();
+    assert_eq!(r.removed, 4, "{r:?}");
+    let left = show();
+    assert!(
+        left.contains("unreachable fd00:10::/32") && !left.contains("fd00:10:2::/64"),
+        "{left}"
+    );
+}

@@ -38,7 +38,10 @@ pub use netns::TargetNetns;
 pub use plan::{DesiredRoute, RouteInputs, RoutePlan, RouteTarget, plan_routes};
 
 use crate::{
-    constants::{RTPROT_STRAIT, STRICT_FALLBACK_METRIC, WIREGUARD_MTU_OVERHEAD},
+    constants::{
+        ROUTE_PRIORITY_V4, ROUTE_PRIORITY_V6, RTPROT_STRAIT, STRICT_FALLBACK_METRIC,
+        WIREGUARD_MTU_OVERHEAD,
+    },
     hostnet::{route_destination, route_ip, route_table},
     netns::NetnsError,
 };
@@ -294,13 +297,14 @@ impl RouteReconciler {
         }
         for (prefix, have) in installed {
             // Every prefix no longer wanted, and for wanted ones any strait route with another
-            // priority (someone edited it by hand): the priority-0 route and a wanted fallback
+            // priority (someone edited it by hand): strait's own priority and a wanted fallback
             // were handled above.
             let want = plan.routes.get(&prefix);
             let keep = want.is_some();
-            let primary = have.iter().any(|r| r.priority == 0);
+            let ours = route_priority(&prefix);
+            let primary = have.iter().any(|r| r.priority == ours);
             for route in have.iter() {
-                if keep && route.priority == 0 {
+                if keep && route.priority == ours {
                     continue;
                 }
                 if route.priority == STRICT_FALLBACK_METRIC && want.is_some_and(|w| w.fallback) {
@@ -310,7 +314,7 @@ impl RouteReconciler {
                     // Maybe just not synced yet: removed after the first full sync. The guard
                     // mirrors what is routed, so it keeps this route too (a fallback alone
                     // means the device route is gone: dropped).
-                    if route.priority == 0 {
+                    if route.priority == ours {
                         report.guard.push((
                             prefix,
                             route.kind != RouteType::Unreachable && route.oif == Some(dev.index),
@@ -345,7 +349,7 @@ impl RouteReconciler {
         }
     }
 
-    /// Makes strait's priority-0 route for `want` what it should be (`oif`: the device).
+    /// Makes strait's own route (its family's priority) for `want` what it should be (`oif`: the device).
     async fn ensure(
         &mut self,
         want: &DesiredRoute,
@@ -353,11 +357,12 @@ impl RouteReconciler {
         installed: &BTreeMap<IpNet, Vec<Installed>>,
         report: &mut RouteReport,
     ) -> Result<(), RoutingError> {
-        // strait's own priority-0 route: a replace targets exactly that one.
+        // strait's own route: a replace targets exactly that one.
+        let ours = route_priority(&want.prefix);
         let op = match installed.get(&want.prefix).map(|have| {
             (
-                have.iter().filter(|r| r.priority == 0).count(),
-                have.iter().find(|r| r.priority == 0),
+                have.iter().filter(|r| r.priority == ours).count(),
+                have.iter().find(|r| r.priority == ours),
             )
         }) {
             Some((1, Some(r))) if same_route(r, want, oif) => return Ok(()),
@@ -368,7 +373,7 @@ impl RouteReconciler {
             .install(
                 want.prefix,
                 want.target,
-                0,
+                ours,
                 &want.owner,
                 oif,
                 op == "replace",
@@ -775,6 +780,15 @@ impl RouteReconciler {
         if self.logged.insert(key.to_owned()) {
             log();
         }
+    }
+}
+
+/// The priority strait installs (and reads back) for a prefix's own route: the kernel turns an
+/// IPv6 route's 0 into 1024 (`IP6_RT_PRIO_USER`).
+fn route_priority(prefix: &IpNet) -> u32 {
+    match prefix {
+        IpNet::V4(_) => ROUTE_PRIORITY_V4,
+        IpNet::V6(_) => ROUTE_PRIORITY_V6,
     }
 }
 

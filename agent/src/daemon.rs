@@ -307,6 +307,29 @@ pub async fn run(
         ),
         None => None,
     };
+    // Every agent with a local source campaigns to be this cluster's publisher (cluster
+    // config, heartbeat, global services): remotes can read this etcd directly, no mirror
+    // needed. Without a local source it knows no services and must not lead.
+    let _cluster_publisher = match &local_source {
+        Some(_) => Some(AbortOnDrop(tokio::spawn(crate::mesh::exporter::run(
+            client.clone(),
+            crate::mesh::exporter::Publication {
+                cluster: config.cluster.name.clone(),
+                cluster_id: config.cluster.id,
+                max_connected_clusters: max.value(),
+            },
+            node_name.clone(),
+            state.clone(),
+            crate::constants::NODE_LEASE_TTL,
+        )))),
+        None => {
+            tracing::warn!(
+                "no local source: this agent does not campaign to publish the cluster config \
+                 and global services"
+            );
+            None
+        }
+    };
     let publisher = tokio::spawn(publisher::publish_node(
         client.clone(),
         node,

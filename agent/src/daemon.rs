@@ -414,6 +414,34 @@ pub async fn run(
         ),
         None => None,
     };
+    // Every agent with a local source campaigns to be this cluster's publisher (cluster
+    // config, heartbeat, global services): remotes can read this etcd directly, no mirror
+    // needed. Without a local source it knows no services and must not lead.
+    // It waits for the source's first listing, and on shutdown resigns and revokes its lease
+    // so another agent takes over at once.
+    let (cluster_publisher_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let cluster_publisher = match &local_source {
+        Some(source) => Some(AbortOnDrop(tokio::spawn(crate::mesh::exporter::run(
+            client.clone(),
+            crate::mesh::exporter::Publication {
+                cluster: config.cluster.name.clone(),
+                cluster_id: config.cluster.id,
+                max_connected_clusters: max.value(),
+            },
+            node_name.clone(),
+            state.clone(),
+            crate::constants::EXPORTER_LEASE_TTL,
+            source.synced(),
+            stop_rx,
+        )))),
+        None => {
+            tracing::warn!(
+                "no local source: this agent does not campaign to publish the cluster config \
+                 and global services"
+            );
+            None
+        }
+    };
     let publisher = tokio::spawn(publisher::publish_node(
         client.clone(),
         node,
@@ -497,6 +525,10 @@ pub async fn run(
             tracing::warn!(error = %e, "API server while stopping");
         }
         drop(status);
+        let _ = cluster_publisher_stop.send(true);
+        if let Some(mut task) = cluster_publisher {
+            let _ = (&mut task.0).await;
+        }
         sync_signal.stop().await;
         publisher.abort();
         let _ = publisher.await;

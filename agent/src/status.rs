@@ -66,7 +66,7 @@ impl StatusSources {
             },
             cluster_mesh: ClusterMeshStatus {
                 clusters,
-                num_global_services: model.service_views().iter().filter(|s| s.global).count(),
+                num_global_services: model.num_remote_global_services(),
                 datapath_down: model
                     .clusters()
                     .filter(|c| c.datapath_down)
@@ -124,6 +124,8 @@ pub struct LocalStatus {
 #[serde(rename_all = "kebab-case")]
 pub struct ClusterMeshStatus {
     pub clusters: Vec<RemoteClusterStatus>,
+    /// Global services remote clusters share with us (Cilium's meaning: its global-service
+    /// cache holds what remotes export), by name.
     pub num_global_services: usize,
     /// Remote clusters whose nodes all stopped answering health probes: their backends are
     /// out of every global service until one answers again.
@@ -378,6 +380,74 @@ mod tests {
             encryption: None,
             datapath: None,
         }
+    }
+
+    /// One key style in `strait status --json`: Cilium's (kebab-case, as in its
+    /// RemoteCluster and ClusterMeshStatus models), in every part of the document.
+    #[test]
+    fn every_json_key_is_kebab_case() {
+        let mut full = status(1);
+        full.cluster_mesh.clusters.push(RemoteClusterStatus {
+            name: "cluster-europe".into(),
+            last_failure: Some("2026-01-01T00:00:00Z".into()),
+            config: Some(Default::default()),
+            error: Some("x".into()),
+            ..Default::default()
+        });
+        full.cluster_mesh.datapath_down = vec!["cluster-europe".into()];
+        full.encryption = Some(crate::wireguard::DeviceStatus {
+            device: "cilium_wg0".into(),
+            backend: crate::wireguard::BackendKind::Kernel,
+            netns: "self".into(),
+            public_key: "k".into(),
+            listen_port: Some(51871),
+            peers: vec![crate::wireguard::PeerStatus {
+                node: Some("eu-1".into()),
+                cluster: Some("cluster-europe".into()),
+                public_key: "k".into(),
+                endpoint: Some("198.18.2.1:51871".parse().unwrap()),
+                last_handshake_unix: Some(1),
+                rx_bytes: 1,
+                tx_bytes: 1,
+                allowed_ips: 1,
+            }],
+        });
+        full.datapath = Some(crate::datapath::DatapathStatus::default());
+        fn keys(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        out.push(k.clone());
+                        keys(v, out);
+                    }
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| keys(v, out)),
+                _ => {}
+            }
+        }
+        let json = serde_json::to_value(&full).unwrap();
+        let mut all = Vec::new();
+        keys(&json, &mut all);
+        for k in [
+            "public-key",
+            "pin-dir",
+            "num-nodes",
+            "listen-port",
+            "rx-bytes",
+        ] {
+            assert!(all.iter().any(|a| a == k), "{k} missing: {all:?}");
+        }
+        let bad: Vec<&String> = all
+            .iter()
+            .filter(|k| {
+                !k.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+            .collect();
+        assert!(bad.is_empty(), "keys not in Cilium's style: {bad:?}");
+        // And it reads back.
+        let back: AgentStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, full);
     }
 
     #[test]

@@ -591,7 +591,6 @@ async fn kvstoremesh_mirrors_remote_state_into_the_local_cache_that_agents_read(
     let mesh_dir = tempfile::tempdir().unwrap();
     write_config(mesh_dir.path(), "cluster-europe", &europe);
     let options = MeshOptions {
-        local_cluster_id: Some(1),
         config_timeout: Duration::from_secs(5),
         drain_grace: Duration::from_secs(1),
         ..MeshOptions::default()
@@ -618,15 +617,12 @@ async fn kvstoremesh_mirrors_remote_state_into_the_local_cache_that_agents_read(
         true,
     )
     .await;
-    // usa's own config and heartbeat, so other clusters can read usa's etcd directly.
-    let own = wait_key(&c_usa, "cilium/cluster-config/cluster-usa", true)
-        .await
-        .unwrap();
-    assert_eq!(
-        String::from_utf8(own).unwrap(),
-        r#"{"id":1,"capabilities":{"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#
+    // usa's own config is the cluster publisher's (the agents'), not the mirror's.
+    assert!(
+        get(&c_usa, "cilium/cluster-config/cluster-usa")
+            .await
+            .is_none()
     );
-    wait_key(&c_usa, "cilium/.heartbeat", true).await;
     // Each kind is mirrored by its own watcher: wait for each, do not assume an order.
     let node = wait_key(&c_usa, "cilium/cache/nodes/v1/cluster-europe/eu-1", true)
         .await
@@ -940,7 +936,11 @@ async fn global_services_are_exported_by_exactly_one_elected_writer() {
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(exporter::run(
             client.clone(),
-            "cluster-usa".into(),
+            exporter::Publication {
+                cluster: "cluster-usa".into(),
+                cluster_id: 1,
+                max_connected_clusters: 255,
+            },
             identity.into(),
             state,
             Duration::from_secs(2),
@@ -951,6 +951,14 @@ async fn global_services_are_exported_by_exactly_one_elected_writer() {
     };
     let (_source_a, task_a, _stop_a) = replica("replica-a");
     let (_source_b, task_b, _stop_b) = replica("replica-b");
+
+    // The cluster's config and heartbeat, so other clusters can read this etcd directly.
+    let config_key = "cilium/cluster-config/cluster-usa";
+    let own_config =
+        r#"{"id":1,"capabilities":{"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#;
+    let own = wait_key(&client, config_key, true).await.unwrap();
+    assert_eq!(String::from_utf8(own).unwrap(), own_config);
+    wait_key(&client, "cilium/.heartbeat", true).await;
 
     let key = "cilium/state/services/v1/cluster-usa/default/payment-api";
     let value = wait_key(&client, key, true).await.unwrap();
@@ -993,6 +1001,10 @@ async fn global_services_are_exported_by_exactly_one_elected_writer() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     wait_key(&client, key, true).await;
+    // The config went with the old leader's lease only when that expired; the new leader
+    // wrote it again on its own lease.
+    let own = wait_key(&client, config_key, true).await.unwrap();
+    assert_eq!(String::from_utf8(own).unwrap(), own_config);
 
     // The service stops being global: the new leader withdraws it.
     std::fs::write(
@@ -1001,4 +1013,111 @@ async fn global_services_are_exported_by_exactly_one_elected_writer() {
     )
     .unwrap();
     wait_key(&client, key, false).await;
+}
+
+/// Direct mode: two clusters running agents only (no kvstoremesh, no mirror), each agent
+/// reading the other cluster's etcd directly. Each cluster's config and global services are
+/// published by its elected agent, so both remotes turn ready and share their services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_mode_clusters_of_agents_alone_connect_and_share_global_services() {
+    struct Cluster {
+        name: &'static str,
+        id: u32,
+        cidr: &'static str,
+        ip: &'static str,
+    }
+    let clusters = [
+        Cluster {
+            name: "cluster-usa",
+            id: 1,
+            cidr: "10.1.0.0/24",
+            ip: "198.18.1.1",
+        },
+        Cluster {
+            name: "cluster-europe",
+            id: 2,
+            cidr: "10.2.0.0/24",
+            ip: "198.18.2.1",
+        },
+    ];
+    let etcds = [EtcdServer::new(), EtcdServer::new()];
+    let dir = tempfile::tempdir().unwrap();
+    let mut stops = Vec::new();
+    let mut agents = Vec::new();
+    let mut sockets = Vec::new();
+    for (i, c) in clusters.iter().enumerate() {
+        let cdir = dir.path().join(c.name);
+        let mesh_dir = cdir.join("clustermesh");
+        let manifests = cdir.join("manifests");
+        std::fs::create_dir_all(&mesh_dir).unwrap();
+        std::fs::create_dir_all(&manifests).unwrap();
+        let other = 1 - i;
+        write_config(&mesh_dir, clusters[other].name, &etcds[other]);
+        let kvstore =
+            etcds[i].write_cilium_config(&cdir.join("etcd.yaml"), CiliumConfigOptions::default());
+        std::fs::write(
+            manifests.join("payment-api.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: payment-api\n  namespace: default\n  annotations:\n    \
+             service.cilium.io/global: \"true\"\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: 8080\n",
+        )
+        .unwrap();
+        let socket = cdir.join("strait.sock");
+        let yaml = format!(
+            "cluster: {{name: {}, id: {}}}\nnode: {{name: node-1, internalIP: {}, podCIDRs: [{}]}}\n\
+             kvstoreConfig: {}\nclustermeshConfigDir: {}\nstateDir: {}\napiSocket: {}\n\
+             metricsAddress: 127.0.0.1:{}\nwireguard: {{enabled: false}}\nmanifestsDir: {}\n",
+            c.name,
+            c.id,
+            c.ip,
+            c.cidr,
+            kvstore.display(),
+            mesh_dir.display(),
+            cdir.display(),
+            socket.display(),
+            strait_tests::etcd::free_port(),
+            manifests.display(),
+        );
+        let config = strait::config::AgentConfig::parse(Path::new("agent.yaml"), &yaml).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        agents.push(tokio::spawn(strait::daemon::run(config, async move {
+            let _ = stop_rx.await;
+        })));
+        stops.push(stop_tx);
+        sockets.push(socket);
+    }
+
+    for (i, socket) in sockets.iter().enumerate() {
+        let remote = clusters[1 - i].name;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let status = loop {
+            let s = strait::api::fetch_status(socket).await.ok();
+            if let Some(s) = &s
+                && s.cluster_mesh.clusters.len() == 1
+                && s.cluster_mesh.clusters[0].ready
+                && s.cluster_mesh.num_global_services == 1
+            {
+                break s.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: {remote} never turned ready with its global service: {:?}",
+                clusters[i].name,
+                s.map(|s| s.cluster_mesh)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let r = &status.cluster_mesh.clusters[0];
+        assert_eq!(r.name, remote);
+        assert_eq!((r.num_nodes, r.num_shared_services), (1, 1), "{r:?}");
+        let config = r.config.as_ref().unwrap();
+        assert!(config.retrieved && !config.kvstoremesh, "{config:?}");
+        assert_eq!(config.cluster_id, clusters[1 - i].id);
+    }
+
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    for agent in agents {
+        agent.await.unwrap().unwrap();
+    }
 }

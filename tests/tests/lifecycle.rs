@@ -588,7 +588,11 @@ async fn exporter_campaigns_only_after_its_source_synced() {
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(exporter::run(
             client.clone(),
-            "cluster-usa".into(),
+            exporter::Publication {
+                cluster: "cluster-usa".into(),
+                cluster_id: 1,
+                max_connected_clusters: 255,
+            },
             identity.into(),
             StateHandle::new("cluster-usa", 1),
             Duration::from_secs(2),

@@ -1,4 +1,6 @@
-//! `strait kvstoremesh`: one per cluster, next to the cluster's etcd.
+//! `strait kvstoremesh`: one per cluster, next to the cluster's etcd. A mirror of remote
+//! clusters (Cilium's KVStoreMesh); given a service source, also a candidate for this cluster's
+//! publisher role, which the agents campaign for anyway (`mesh::exporter`).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -17,9 +19,10 @@ pub struct KvstoremeshArgs {
     /// This cluster's name (its own config file in the directory is ignored).
     #[arg(long, env = "STRAIT_CLUSTER_NAME")]
     pub cluster_name: String,
-    /// This cluster's ID. When given, this cluster's own `cilium/cluster-config/<name>` and
-    /// the heartbeat are published too (as a clustermesh-apiserver does), so other clusters
-    /// can connect to this etcd directly.
+    /// This cluster's ID, needed with --manifests-dir / --kubernetes-api. This cluster's own
+    /// `cilium/cluster-config/<name>`, heartbeat and global services are written by the elected
+    /// cluster publisher: every `strait agent` campaigns for it, and so does this process when
+    /// it has a service source. A mirror is not needed for other clusters to read this etcd.
     #[arg(long, env = "STRAIT_CLUSTER_ID")]
     pub cluster_id: Option<u32>,
     /// Cilium-format etcd config of this cluster's etcd, where the cache is written.
@@ -34,9 +37,9 @@ pub struct KvstoremeshArgs {
     /// Seconds to keep a removed cluster's cache before deleting it.
     #[arg(long, default_value_t = DRAIN_GRACE.as_secs())]
     pub drain_grace_seconds: u64,
-    /// Export this cluster's global services (requires --cluster-id), read from YAML manifests
-    /// in this directory, to `cilium/state/services/v1/<cluster>/...`. Every replica campaigns;
-    /// only the elected one writes.
+    /// Campaign for the cluster publisher role (cluster config, heartbeat, global services to
+    /// `cilium/state/services/v1/<cluster>/...`; requires --cluster-id), reading services from
+    /// YAML manifests in this directory. Every candidate campaigns; only the elected one writes.
     #[arg(long)]
     pub manifests_dir: Option<PathBuf>,
     /// Export this cluster's global services read from the Kubernetes API instead
@@ -74,7 +77,6 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
     }
     let metrics = Metrics::new();
     let options = MeshOptions {
-        local_cluster_id: args.cluster_id,
         local_max,
         drain_grace: Duration::from_secs(args.drain_grace_seconds),
         ..MeshOptions::default()
@@ -103,7 +105,11 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let task = tokio::spawn(crate::mesh::exporter::run(
                 local.clone(),
-                args.cluster_name.clone(),
+                crate::mesh::exporter::Publication {
+                    cluster: args.cluster_name.clone(),
+                    cluster_id: id,
+                    max_connected_clusters: local_max.value(),
+                },
                 identity,
                 state,
                 constants::EXPORTER_LEASE_TTL,
@@ -116,7 +122,14 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
             "--manifests-dir and --kubernetes-api need --cluster-id: exported services carry \
              the cluster ID"
         ),
-        _ => None,
+        (false, Some(_)) => {
+            tracing::info!(
+                "no service source: this cluster's config and global services are published by \
+                 its agents (the elected cluster publisher); --cluster-id is not used"
+            );
+            None
+        }
+        (false, None) => None,
     };
     let _identity_gc = match args.cluster_id {
         Some(id) if args.identity_gc_interval_seconds > 0 => {

@@ -127,7 +127,7 @@ pub fn load_object() -> Result<aya::Ebpf, DatapathError> {
 
 /// What `strait status` shows about the datapath.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "kebab-case")]
 pub struct DatapathStatus {
     pub pin_dir: String,
     pub cgroup: String,

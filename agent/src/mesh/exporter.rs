@@ -1,20 +1,47 @@
-//! Exporting this cluster's global services to `cilium/state/services/v1/<cluster>/<ns>/<name>`
-//! (what Cilium's clustermesh-apiserver does), with exactly one active writer per cluster:
-//! every `strait kvstoremesh` replica campaigns in an etcd election and only the leader writes.
-//! Only services that are global and shared are exported; the others are deleted.
+//! The cluster publisher: what a clustermesh-apiserver publishes for its own cluster, so other
+//! clusters can read this cluster's etcd directly (no mirror needed) or mirror it:
+//! `cilium/cluster-config/<cluster>` (written first, re-enforced periodically), the heartbeat,
+//! and the global services at `cilium/state/services/v1/<cluster>/<ns>/<name>`. Exactly one
+//! writer per cluster: every candidate (every `strait agent` with a local source, and `strait
+//! kvstoremesh` replicas given a service source) campaigns in one etcd election; only the
+//! leader writes, everything on its lease. Only services that are global and shared are
+//! exported; the others are deleted.
 
 use std::{collections::BTreeMap, time::Duration};
 
 use etcd_client::{LeaderKey, ResignOptions};
 use tokio::sync::watch;
 
-use crate::wire::{KvClusterService, L4Addr, keys};
+use crate::wire::{KvClusterConfig, KvClusterService, L4Addr, keys};
 use crate::{
-    kvstore::{EtcdClient, Lease},
+    constants::CLUSTER_CONFIG_ENFORCE_INTERVAL,
+    kvstore::{EtcdClient, HeartbeatWriter, Lease},
     state::{BackendState, ClusterService, PortMap, Protocol, StateHandle},
 };
 
-/// The election every exporter of a cluster campaigns in.
+/// What the leader publishes about its cluster besides the services.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub cluster: String,
+    pub cluster_id: u32,
+    /// 255 or 511.
+    pub max_connected_clusters: u32,
+}
+
+impl Publication {
+    /// This cluster's config as a clustermesh-apiserver writes it, except `syncedCanaries`:
+    /// every agent publishes its own node and endpoints (Cilium's kvstore mode), so no single
+    /// writer can announce "synced".
+    pub fn config(&self) -> KvClusterConfig {
+        let mut config =
+            KvClusterConfig::for_publisher(self.cluster_id, self.max_connected_clusters, false);
+        config.capabilities.synced_canaries = false;
+        config
+    }
+}
+
+/// The election every cluster publisher of a cluster campaigns in (the name predates the
+/// cluster config: kept so older exporters and newer publishers share one election).
 pub fn election_name(cluster: &str) -> String {
     format!("cilium/.strait/service-exporter/{cluster}")
 }
@@ -66,19 +93,20 @@ enum Ended {
 
 /// Runs until `stop` turns true (or the task is dropped): waits for the Kubernetes source to
 /// have listed (`source_synced`), so a fresh leader never withdraws exports it has not read
-/// yet; then campaigns, and keeps the exported set equal to the local global services while
-/// leader; campaigns again if the lease is lost. On `stop` it resigns and revokes its lease,
+/// yet; then campaigns, and while leader keeps this cluster's config and heartbeat published
+/// and the exported set equal to the local global services; campaigns again if the lease is lost. On `stop` it resigns and revokes its lease,
 /// so a standby takes over at once instead of waiting out the TTL (a crash costs at most
 /// `lease_ttl`).
 pub async fn run(
     local: EtcdClient,
-    cluster: String,
+    publication: Publication,
     identity: String,
     state: StateHandle,
     lease_ttl: Duration,
     mut source_synced: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let cluster = publication.cluster.clone();
     tokio::select! {
         r = source_synced.wait_for(|s| *s) => if r.is_err() {
             tracing::warn!(%cluster, "the Kubernetes source stopped before it synced: not exporting");
@@ -88,7 +116,7 @@ pub async fn run(
     }
     tracing::info!(%cluster, %identity, "Kubernetes source synced: campaigning for the service export");
     loop {
-        match lead(&local, &cluster, &identity, &state, lease_ttl, &mut stop).await {
+        match lead(&local, &publication, &identity, &state, lease_ttl, &mut stop).await {
             Ok(Ended::Stopped) => return,
             Ok(Ended::Lost) => {
                 tracing::warn!(%cluster, "service exporter lost its leadership; campaigning again")
@@ -124,7 +152,7 @@ async fn step_down(local: &EtcdClient, cluster: &str, leader: Option<LeaderKey>,
 
 async fn lead(
     local: &EtcdClient,
-    cluster: &str,
+    publication: &Publication,
     identity: &str,
     state: &StateHandle,
     ttl: Duration,
@@ -135,6 +163,9 @@ async fn lead(
         Lost,
         Stop,
     }
+    let cluster = publication.cluster.as_str();
+    let config = publication.config().encode()?;
+    let config_key = keys::cluster_config_key(cluster);
     let lease = Lease::grant(local, ttl).await?;
     // Blocks until elected (no request timeout: waiting is the point).
     let outcome = {
@@ -155,7 +186,16 @@ async fn lead(
             return Ok(Ended::Stopped);
         }
     };
-    tracing::info!(%cluster, %identity, "elected: exporting global services");
+    // The config before any data: readers refuse a cluster without one.
+    local
+        .put(&config_key, config.clone(), Some(lease.id()))
+        .await?;
+    let _heartbeat =
+        HeartbeatWriter::spawn(local.clone(), Some(lease.id()), Duration::from_secs(60));
+    tracing::info!(%cluster, %identity, key = %config_key, "elected: publishing this cluster's config and exporting its global services");
+    let mut enforce = tokio::time::interval(CLUSTER_CONFIG_ENFORCE_INTERVAL);
+    enforce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    enforce.tick().await;
     let prefix = format!("{}/{cluster}/", keys::SERVICE_STORE_PREFIX);
     let mut exported: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     // What an earlier leader left: deleted unless still wanted.
@@ -200,15 +240,23 @@ async fn lead(
             Changed(Result<(), watch::error::RecvError>),
             Lost,
             Stop,
+            Enforce,
         }
         let next = tokio::select! {
             changed = changes.changed() => Next::Changed(changed),
             _ = lease.wait_lost() => Next::Lost,
             _ = stop.wait_for(|s| *s) => Next::Stop,
+            // Cilium's EnforceClusterConfig: put back what someone deleted or changed.
+            _ = enforce.tick() => Next::Enforce,
         };
         match next {
             Next::Changed(r) => r?,
             Next::Lost => return Ok(Ended::Lost),
+            Next::Enforce => {
+                local
+                    .put(&config_key, config.clone(), Some(lease.id()))
+                    .await?;
+            }
             Next::Stop => {
                 step_down(local, cluster, leader, lease).await;
                 return Ok(Ended::Stopped);

@@ -3,7 +3,8 @@
 //! publishes `cilium/cluster-config/<remote>` marked `cached` with `syncedCanaries`, and writes
 //! each kind's cache canary once its first list is mirrored. Agents of this cluster (strait's
 //! or Cilium's) then read every remote from the local etcd. Removing a remote's config deletes
-//! its cluster config at once and its cache after a grace period.
+//! its cluster config at once and its cache after a grace period. This cluster's own config
+//! is not the mirror's business: the elected cluster publisher (`mesh::exporter`) writes it.
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
@@ -16,9 +17,9 @@ use crate::{
         ClustermeshConfigDir, ConfigEvent, EtcdClient, EtcdConfig, Lease, ListWatcher, WatchEvent,
     },
     metrics::Metrics,
-    task::{AbortOnDrop, recv_opt},
+    task::recv_opt,
     wire::{
-        DataKind, KvClusterConfig,
+        DataKind,
         keys::{self, canary_registration, state_key_to_cache_key},
         timestamp,
     },
@@ -37,10 +38,6 @@ const MIRRORED: [DataKind; 4] = [
 
 #[derive(Debug, Clone)]
 pub struct MeshOptions {
-    /// This cluster's ID: when set, its own `cilium/cluster-config/<name>` and the heartbeat
-    /// are published too (what a clustermesh-apiserver does), so remote clusters can consume
-    /// this cluster's etcd directly.
-    pub local_cluster_id: Option<u32>,
     pub local_max: MaxConnectedClusters,
     pub lease_ttl: Duration,
     pub config_timeout: Duration,
@@ -50,7 +47,6 @@ pub struct MeshOptions {
 impl Default for MeshOptions {
     fn default() -> Self {
         Self {
-            local_cluster_id: None,
             local_max: MaxConnectedClusters::Max255,
             lease_ttl: crate::constants::NODE_LEASE_TTL,
             config_timeout: Duration::from_secs(180),
@@ -80,17 +76,8 @@ impl KvstoreMesh {
     ) -> Self {
         let (watcher, mut events) =
             ClustermeshConfigDir::new(dir, local_cluster).watch(Duration::from_secs(1));
-        let own = options.local_cluster_id.map(|id| {
-            AbortOnDrop(tokio::spawn(publish_own_config(
-                local.clone(),
-                local_cluster.to_owned(),
-                id,
-                options.clone(),
-            )))
-        });
         let task = tokio::spawn(async move {
             let _watcher = watcher;
-            let _own = own;
             let mut mirrors: BTreeMap<String, JoinHandle<()>> = BTreeMap::new();
             let mut drains: BTreeMap<String, JoinHandle<()>> = BTreeMap::new();
             while let Some(event) = events.recv().await {
@@ -123,46 +110,6 @@ impl KvstoreMesh {
             }
         });
         Self { task }
-    }
-}
-
-/// This cluster's config, as its readers need it, and the heartbeat, on a lease kept alive
-/// and re-created when lost. `syncedCanaries` is off: every agent publishes its own node and
-/// endpoints (Cilium's kvstore mode), so no single writer can announce "synced".
-async fn publish_own_config(local: EtcdClient, name: String, id: u32, options: MeshOptions) {
-    let mut config = KvClusterConfig::for_publisher(id, options.local_max.value(), false);
-    config.capabilities.synced_canaries = false;
-    let key = keys::cluster_config_key(&name);
-    let value = match config.encode() {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!(%key, error = %e, "cannot encode this cluster's config");
-            return;
-        }
-    };
-    loop {
-        let published = async {
-            let lease = Lease::grant(&local, options.lease_ttl).await?;
-            local.put(&key, value.clone(), Some(lease.id())).await?;
-            Ok::<_, crate::kvstore::KvstoreError>(lease)
-        }
-        .await;
-        match published {
-            Ok(lease) => {
-                tracing::info!(%key, "published this cluster's config");
-                let _heartbeat = crate::kvstore::HeartbeatWriter::spawn(
-                    local.clone(),
-                    Some(lease.id()),
-                    Duration::from_secs(60),
-                );
-                let state = lease.wait_lost().await;
-                tracing::warn!(%key, ?state, "lease of the cluster config lost; publishing again");
-            }
-            Err(e) => {
-                tracing::warn!(%key, error = %e, "cannot publish this cluster's config; retrying");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
     }
 }
 

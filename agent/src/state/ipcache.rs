@@ -165,8 +165,7 @@ pub fn owned_endpoints(model: &StateModel) -> Ownership<'_> {
             continue;
         } else if single.is_some_and(|a| own.addresses.contains(&a)) {
             IDENTITY_REMOTE_NODE
-        } else if own.pod_cidrs.covers(&prefix)
-            || single.is_some_and(|a| own.pod_side.contains(&a))
+        } else if own.pod_cidrs.covers(&prefix) || single.is_some_and(|a| own.pod_side.contains(&a))
         {
             // Pod side keeps its identity (a router IP's `host` becomes `remote-node`, a
             // health IP stays `health`).
@@ -305,15 +304,26 @@ mod tests {
             ep("asia", "169.254.20.2/32", crate::identity::IDENTITY_HOST),
         ]);
         let mut eu = m.node("europe", "eu-1").unwrap().clone();
-        eu.pod_side_ips = vec!["169.254.20.2".parse().unwrap(), "10.2.0.77".parse().unwrap()];
+        eu.pod_side_ips = vec![
+            "169.254.20.2".parse().unwrap(),
+            "10.2.0.77".parse().unwrap(),
+        ];
         m.upsert_node(eu);
         m.settle();
         let o = owned_endpoints(&m);
         assert_eq!(
             accepted(&o),
             vec![
-                ("europe".into(), "10.2.0.77/32".into(), crate::identity::IDENTITY_HEALTH),
-                ("europe".into(), "169.254.20.2/32".into(), IDENTITY_REMOTE_NODE),
+                (
+                    "europe".into(),
+                    "10.2.0.77/32".into(),
+                    crate::identity::IDENTITY_HEALTH
+                ),
+                (
+                    "europe".into(),
+                    "169.254.20.2/32".into(),
+                    IDENTITY_REMOTE_NODE
+                ),
             ]
         );
         assert_eq!(

@@ -378,6 +378,19 @@ impl StateModel {
         services::select(&self.local, self.services.get(name)?, |c| self.usable(c))
     }
 
+    /// Distinct services some remote cluster exports to us (Cilium's `num-global-services`:
+    /// the size of its cache of remote global services), whether or not we define them.
+    pub fn num_remote_global_services(&self) -> usize {
+        self.services
+            .values()
+            .filter(|per_cluster| {
+                per_cluster
+                    .iter()
+                    .any(|(c, s)| *c != self.local && s.global && s.shared)
+            })
+            .count()
+    }
+
     pub fn counts(&self, cluster: &str) -> Counts {
         self.counts.get(cluster).copied().unwrap_or_default()
     }

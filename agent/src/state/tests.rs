@@ -183,3 +183,29 @@ fn datapath_down_cluster_loses_backends_but_keeps_routes() {
     assert!(view.active.iter().all(|b| b.cluster.as_ref() == "usa"));
     assert!(m.routable_nodes().any(|n| n.cluster.as_ref() == "europe"));
 }
+
+/// Cilium's `num-global-services`: services remote clusters share with us, not ours.
+#[test]
+fn num_global_services_counts_what_remotes_share() {
+    let mut m = StateModel::new("usa", 1);
+    m.register_cluster("europe", 2).unwrap();
+    m.register_cluster("asia", 3).unwrap();
+    // A local global service nobody else exports: not counted.
+    m.upsert_service(service("usa", 1, "10.1.0.5"));
+    assert_eq!(m.num_remote_global_services(), 0);
+    // Two remotes export it: one service.
+    m.upsert_service(service("europe", 2, "10.2.0.5"));
+    m.upsert_service(service("asia", 3, "10.3.0.5"));
+    assert_eq!(m.num_remote_global_services(), 1);
+    // A remote service we do not define counts too; a non-shared one does not.
+    let mut other = service("europe", 2, "10.2.0.6");
+    other.name = ServiceName::new("default", "catalog");
+    m.upsert_service(other.clone());
+    let mut hidden = service("asia", 3, "10.3.0.6");
+    hidden.name = ServiceName::new("default", "hidden");
+    hidden.shared = false;
+    m.upsert_service(hidden);
+    assert_eq!(m.num_remote_global_services(), 2);
+    m.delete_service("europe", &other.name);
+    assert_eq!(m.num_remote_global_services(), 1);
+}

@@ -173,14 +173,16 @@ impl KvNode {
             .iter()
             .filter(|a| a.addr_type == ADDR_CILIUM_INTERNAL_IP)
             .filter_map(|a| a.ip)
-            .chain([
-                self.ipv4_health_ip,
-                self.ipv6_health_ip,
-                self.ipv4_ingress_ip,
-                self.ipv6_ingress_ip,
-            ]
-            .into_iter()
-            .flatten())
+            .chain(
+                [
+                    self.ipv4_health_ip,
+                    self.ipv6_health_ip,
+                    self.ipv4_ingress_ip,
+                    self.ipv6_ingress_ip,
+                ]
+                .into_iter()
+                .flatten(),
+            )
             .collect()
     }
 
@@ -274,7 +276,11 @@ pub(crate) mod tests {
         let json = cilium_dual_stack_json();
         let n = KvNode::decode(json.as_bytes()).unwrap();
         assert_eq!(n.encode().unwrap(), json.as_bytes(), "round trip");
-        let ips = |v: &[&str]| v.iter().map(|s| s.parse::<IpAddr>().unwrap()).collect::<Vec<_>>();
+        let ips = |v: &[&str]| {
+            v.iter()
+                .map(|s| s.parse::<IpAddr>().unwrap())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(n.internal_ip(), Some("198.18.2.2".parse().unwrap()));
         assert_eq!(n.node_ip(true), Some("fd00:198:18:2::2".parse().unwrap()));
         assert_eq!(
@@ -332,7 +338,10 @@ pub(crate) mod tests {
             Some("10.1.0.12".parse().unwrap())
         );
         assert_eq!(n.pod_cidrs(), vec!["10.1.0.0/24".parse::<IpNet>().unwrap()]);
-        assert_eq!(n.underlay_ips(), vec!["172.18.0.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            n.underlay_ips(),
+            vec!["172.18.0.3".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(
             n.pod_side_ips(),
             ["10.1.0.12", "10.1.0.55"].map(|s| s.parse::<IpAddr>().unwrap())

@@ -28,6 +28,7 @@ use crate::routing::TargetNetns;
 
 /// Per-peer status, for `strait status` and metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct PeerStatus {
     /// Node and cluster owning the key (`None` for a peer strait does not know, e.g. a leftover
     /// awaiting garbage collection).
@@ -43,6 +44,7 @@ pub struct PeerStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct DeviceStatus {
     pub device: String,
     pub backend: BackendKind,

@@ -792,14 +792,21 @@ mod tests {
         let plan = planner(&k1).plan(&m);
         let peer = plan.peers.values().find(|p| p.node.name == "kind-worker");
         let peer = peer.unwrap();
-        assert!(peer.allowed_ips.contains(&"169.254.20.2/32".parse().unwrap()));
+        assert!(
+            peer.allowed_ips
+                .contains(&"169.254.20.2/32".parse().unwrap())
+        );
         let routes = crate::routing::plan_routes(
             &crate::routing::RoutingConfig::default(),
             &plan.route_inputs(),
             None,
             None,
         );
-        assert!(routes.routes.contains_key(&"169.254.20.2/32".parse().unwrap()));
+        assert!(
+            routes
+                .routes
+                .contains_key(&"169.254.20.2/32".parse().unwrap())
+        );
     }
 
     #[test]

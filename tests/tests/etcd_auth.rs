@@ -476,17 +476,27 @@ async fn agent_credentials_write_their_own_cluster_and_nothing_else() {
             .unwrap_or_else(|e| panic!("agent listing {prefix}: {e}"));
     }
 
+    // What the elected cluster publisher (an agent) writes of its own cluster.
+    for key in [
+        "cilium/state/services/v1/cluster-usa/default/svc",
+        "cilium/cluster-config/cluster-usa",
+        "cilium/.heartbeat",
+        "cilium/.strait/service-exporter/cluster-usa/694d",
+    ] {
+        agent
+            .put(key, b"x".to_vec(), None)
+            .await
+            .unwrap_or_else(|e| panic!("agent writing {key}: {e}"));
+    }
     // Another cluster's prefixes, and this cluster's keys written by kvstoremesh only.
     for key in [
         "cilium/state/nodes/v1/cluster-europe/eu-1",
         "cilium/state/nodes/v1/cluster-usa2/x",
-        "cilium/state/services/v1/cluster-usa/default/svc",
         "cilium/state/services/v1/cluster-europe/default/svc",
         "cilium/cache/nodes/v1/cluster-europe/eu-1",
-        "cilium/cluster-config/cluster-usa",
+        "cilium/cluster-config/cluster-europe",
         "cilium/synced/cluster-usa/cilium/state/nodes/v1",
-        "cilium/.heartbeat",
-        "cilium/.strait/service-exporter/cluster-usa",
+        "cilium/.strait/service-exporter/cluster-europe",
     ] {
         assert_denied!(
             format!("agent writing {key}"),
@@ -498,8 +508,8 @@ async fn agent_credentials_write_their_own_cluster_and_nothing_else() {
         agent.delete_prefix("cilium/").await
     );
     assert_denied!(
-        "agent reading the cluster config",
-        agent.get("cilium/cluster-config/cluster-usa").await
+        "agent reading another cluster's config",
+        agent.get("cilium/cluster-config/cluster-europe").await
     );
     publisher.abort();
 }

@@ -132,16 +132,16 @@ pub async fn run(args: KvstoremeshArgs) -> anyhow::Result<()> {
         (false, None) => None,
     };
     let _identity_gc = match args.cluster_id {
-        Some(id) if args.identity_gc_interval_seconds > 0 => {
-            Some(crate::task::AbortOnDrop(tokio::spawn(crate::mesh::identity_gc::run(
+        Some(id) if args.identity_gc_interval_seconds > 0 => Some(crate::task::AbortOnDrop(
+            tokio::spawn(crate::mesh::identity_gc::run(
                 local.clone(),
                 args.cluster_name.clone(),
                 format!("{}-{}", crate::config::hostname(), std::process::id()),
                 crate::identity::IdentityRange::for_cluster(id, local_max),
                 Duration::from_secs(args.identity_gc_interval_seconds),
                 constants::NODE_LEASE_TTL,
-            ))))
-        }
+            )),
+        )),
         _ => None,
     };
     let mesh = KvstoreMesh::spawn(

@@ -43,7 +43,7 @@ impl Publication {
 /// The election every cluster publisher of a cluster campaigns in (the name predates the
 /// cluster config: kept so older exporters and newer publishers share one election).
 pub fn election_name(cluster: &str) -> String {
-    format!("cilium/.strait/service-exporter/{cluster}")
+    format!("{}/{cluster}", keys::PUBLISHER_ELECTION_PREFIX)
 }
 
 /// The wire value Cilium's exporter writes: frontends with the service ports, backends that
@@ -116,7 +116,16 @@ pub async fn run(
     }
     tracing::info!(%cluster, %identity, "Kubernetes source synced: campaigning for the service export");
     loop {
-        match lead(&local, &publication, &identity, &state, lease_ttl, &mut stop).await {
+        match lead(
+            &local,
+            &publication,
+            &identity,
+            &state,
+            lease_ttl,
+            &mut stop,
+        )
+        .await
+        {
             Ok(Ended::Stopped) => return,
             Ok(Ended::Lost) => {
                 tracing::warn!(%cluster, "service exporter lost its leadership; campaigning again")

@@ -11,6 +11,9 @@ pub const STATE_PREFIX: &str = "cilium/state";
 pub const CACHE_PREFIX: &str = "cilium/cache";
 pub const INIT_LOCK_PATH: &str = "cilium/.initlock";
 pub const HEARTBEAT_PATH: &str = "cilium/.heartbeat";
+/// etcd election under which one process of a cluster publishes its config, heartbeat and
+/// global services (strait's own key, outside Cilium's trees).
+pub const PUBLISHER_ELECTION_PREFIX: &str = "cilium/.strait/service-exporter";
 pub const CLUSTER_CONFIG_PREFIX: &str = "cilium/cluster-config";
 pub const SYNCED_PREFIX: &str = "cilium/synced";
 /// Only Cilium ≤ v1.14 used it: its presence made a missing cluster config fatal.

@@ -11,13 +11,16 @@
 //!   the single key `cilium/cluster-config/<cluster>` and `cilium/synced/<cluster>/`.
 //! * `agent-<cluster>` (strait only) → `agent`: read-write exactly what a strait agent
 //!   publishes and reads of its own cluster: `cilium/state/nodes/v1/<cluster>/`,
-//!   `cilium/state/ip/v1/default/`, `cilium/state/identities/v1/`.
+//!   `cilium/state/ip/v1/default/`, `cilium/state/identities/v1/`, and what the elected
+//!   cluster publisher (an agent) writes: `cilium/state/services/v1/<cluster>/`, the key
+//!   `cilium/cluster-config/<cluster>`, `cilium/.heartbeat` and its election.
 //!
 //! Cilium's `externalworkload` user is left out: strait has no external workloads.
 
 use super::keys::{
     CACHE_PREFIX, CLUSTER_CONFIG_PREFIX, HEARTBEAT_PATH, IDENTITIES_PATH, IP_IDENTITIES_PATH,
-    NODE_STORE_PREFIX, STATE_PREFIX, SYNCED_PREFIX, cluster_config_key,
+    NODE_STORE_PREFIX, PUBLISHER_ELECTION_PREFIX, SERVICE_STORE_PREFIX, STATE_PREFIX,
+    SYNCED_PREFIX, cluster_config_key,
 };
 
 pub const ROOT_USER: &str = "root";
@@ -197,9 +200,14 @@ pub fn remote_role_ranges(cluster: &str) -> Vec<KeyRange> {
 }
 
 /// What a strait agent of `cluster` writes (its node, its pods' ipcache entries, identities
-/// and their references) and watches of its own cluster (the same three trees).
+/// and their references) and watches of its own cluster (the same three trees), and what it
+/// writes when elected cluster publisher (global services, cluster config, heartbeat).
 pub fn agent_role_ranges(cluster: &str) -> Vec<KeyRange> {
     vec![
+        KeyRange::dir(&format!("{SERVICE_STORE_PREFIX}/{cluster}")),
+        KeyRange::key(&cluster_config_key(cluster)),
+        KeyRange::raw_prefix(HEARTBEAT_PATH),
+        KeyRange::dir(&format!("{PUBLISHER_ELECTION_PREFIX}/{cluster}")),
         KeyRange::dir(&format!("{NODE_STORE_PREFIX}/{cluster}")),
         KeyRange::dir(&format!(
             "{IP_IDENTITIES_PATH}/{}",
@@ -343,10 +351,15 @@ mod tests {
         assert!(can_write("cilium/state/identities/v1/id/65537"));
         assert!(!can_write("cilium/state/nodes/v1/c2/n1"));
         assert!(!can_write("cilium/state/nodes/v1/c10/n1"));
-        assert!(!can_write("cilium/state/services/v1/c1/ns/s"));
-        assert!(!can_write("cilium/cluster-config/c1"));
+        // The elected cluster publisher is an agent.
+        assert!(can_write("cilium/state/services/v1/c1/ns/s"));
+        assert!(can_write("cilium/cluster-config/c1"));
+        assert!(can_write("cilium/.heartbeat"));
+        assert!(can_write("cilium/.strait/service-exporter/c1/694d"));
+        assert!(!can_write("cilium/state/services/v1/c2/ns/s"));
+        assert!(!can_write("cilium/cluster-config/c2"));
+        assert!(!can_write("cilium/.strait/service-exporter/c2/694d"));
         assert!(!can_write("cilium/cache/nodes/v1/c2/n"));
-        assert!(!can_write("cilium/.heartbeat"));
         assert!(!p.permits("nobody", b"cilium/state/nodes/v1/c1/n1", false));
         assert!(p.permits("admin-c1", b"anything", true));
     }

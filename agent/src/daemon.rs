@@ -136,10 +136,10 @@ async fn start_endpoints(
     node: &LocalNode,
     max: MaxConnectedClusters,
     state: StateHandle,
-    objects: tokio::sync::watch::Receiver<crate::k8s::Objects>,
+    source: &crate::k8s::LocalSource,
     cni: CniAttachments,
-    listed: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<[AbortOnDrop; 3]> {
+    let (objects, listed) = (source.objects(), source.synced());
     // Cilium's reference suffix is the node's IP (`GetNodeSuffix`).
     let allocator = Arc::new(
         IdentityAllocator::new(
@@ -406,9 +406,8 @@ pub async fn run(
                 &node,
                 max,
                 state.clone(),
-                source.objects(),
+                source,
                 cni_attachments.clone(),
-                source.synced(),
             )
             .await?,
         ),

@@ -908,10 +908,10 @@ fn killing_wireguard_go_drops_pod_traffic_never_sends_it_in_clear_and_it_resumes
             };
             let mut buf = [0u8; 64];
             while !stop.load(Ordering::Relaxed) {
-                if let Err(e) = sock.send(b"stream") {
-                    if unreach(&e) {
-                        unreachable.fetch_add(1, Ordering::Relaxed);
-                    }
+                if let Err(e) = sock.send(b"stream")
+                    && unreach(&e)
+                {
+                    unreachable.fetch_add(1, Ordering::Relaxed);
                 }
                 match sock.recv(&mut buf) {
                     Ok(_) => {

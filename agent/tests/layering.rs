@@ -58,8 +58,9 @@ fn library_files(dir: &Path, prefix: &ModPath, out: &mut Vec<(ModPath, PathBuf)>
             library_files(&path, &p, out);
         } else if path.extension().is_some_and(|e| e == "rs") {
             let module = match (prefix.is_empty(), name.as_str()) {
-                // The binary is a client of the library, not part of its layering.
-                (true, "main") => continue,
+                // The binaries (agent, strait-cni) are clients of the library, not part of its
+                // layering.
+                (true, "main" | "cni_main") => continue,
                 (true, "lib") | (false, "mod") => prefix.clone(),
                 _ => {
                     let mut p = prefix.clone();
